@@ -1,0 +1,600 @@
+"""The agent: one thread that owns every task, driven by events from MQTT, recorders and uploads.
+
+Other threads never touch a `Task`: they post events to `events` (a SimpleQueue, safe to call from
+a signal handler) and the loop here applies them, journals the change, then publishes it. Commands
+go through a table of small handlers that each return the reply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import shutil
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from edge_agent import ffmpeg
+from edge_agent.config import AgentConfig
+from edge_agent.errors import CommandError, FFmpegNotFound
+from edge_agent.journal import Journal
+from edge_agent.messages import (
+    ACTIVE_STATUSES,
+    TERMINAL_STATUSES,
+    UPLOAD_STATUSES,
+    Command,
+    dumps,
+    parse_command,
+    request_id_of,
+)
+from edge_agent.mqtt import CommandReceived, Connected, Disconnected, MqttEvent
+from edge_agent.recorder import (
+    Interrupted,
+    MediaStarted,
+    Probed,
+    Recorder,
+    RecorderEvent,
+    RecordingFailed,
+    RecordingFinished,
+    RecordingSpec,
+)
+from edge_agent.tasks import Task, iso, stamp, utc_now
+from edge_agent.topics import Topics
+from edge_agent.uploads import UploadAttempt, UploadEvent, UploadFailed, UploadFinished, UploadRetrying
+
+log = logging.getLogger(__name__)
+
+# A camera is busy while recording and while its first upload attempt runs (as the HTTP service
+# did); a task waiting out an object-store outage (`upload_pending`) does not block new recordings.
+BUSY_STATUSES = ACTIVE_STATUSES | {"uploading"}
+DEDUP_REQUESTS = 1000
+HOUSEKEEPING_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    reason: str
+
+
+Event = MqttEvent | RecorderEvent | UploadEvent | Shutdown
+
+
+class Publisher(Protocol):
+    """What the agent needs of MQTT (a fake records calls in unit tests)."""
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None: ...
+    def reply(self, topic: str, payload: bytes, response_topic: str | None, correlation: bytes | None) -> None: ...
+
+
+class UploadSubmitter(Protocol):
+    def submit(self, task_id: str, path: Path, object_name: str, sha256: str, size: int,
+               created: float, attempts_before: int = 0) -> None: ...  # fmt: skip
+    def stop(self, timeout: float) -> None: ...
+
+
+RecorderFactory = Callable[[RecordingSpec, Callable[[RecorderEvent], None], bool], Recorder]
+
+
+def _default_recorder(spec: RecordingSpec, post: Callable[[RecorderEvent], None], finalise_only: bool) -> Recorder:
+    return Recorder(spec, post, finalise_only=finalise_only)
+
+
+class Agent:
+    """Owns tasks, recorders and the journal; the only writer of retained status."""
+
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        publisher: Publisher,
+        journal: Journal,
+        uploads: UploadSubmitter | None,
+        events: queue.SimpleQueue[Event],
+        recorder_factory: RecorderFactory = _default_recorder,
+    ) -> None:
+        self.cfg = cfg
+        self.topics = Topics(cfg.mqtt.topic_prefix, cfg.device_id)
+        self._pub = publisher
+        self._journal = journal
+        self._uploads = uploads
+        self.events = events
+        self._new_recorder = recorder_factory
+        self._tasks: dict[str, Task] = {}  # in flight: recording or uploading
+        self._active: dict[str, Task] = {}  # camera -> task holding the camera
+        self._recorders: dict[str, Recorder] = {}  # task id -> its recorder
+        self._deadlines: dict[str, float] = {}  # task id -> monotonic max-duration deadline
+        self._latest: dict[str, Task] = {}  # camera -> newest task (the camera's status topic)
+        self._retained: dict[str, OrderedDict[str, Task]] = {c: OrderedDict() for c in cfg.cameras}
+        self._probe_cache: dict[str, Literal["copy", "transcode"]] = {}
+        self._replies: OrderedDict[tuple[str, str], tuple[bytes, str]] = OrderedDict()
+        self._last_uploads_doc: bytes | None = None
+        self._last_upload_error: str | None = None
+        self._ffmpeg: str | None = None
+        self._ffprobe: str | None = None
+        self._ffmpeg_error: str | None = None
+        self._secrets = self._collect_secrets()
+        self._handlers: dict[str, Callable[[str, Command], tuple[dict[str, Any], bool]]] = {
+            "start": self._cmd_start,
+            "stop": self._cmd_stop,
+            "status": self._cmd_status,
+            "query": self._cmd_query,
+        }
+        self._stopping = False
+
+    # ---- start-up --------------------------------------------------------------------------
+
+    def _collect_secrets(self) -> tuple[str, ...]:
+        out: list[str] = []
+        for cam in self.cfg.cameras.values():
+            url = cam.url.get_secret_value()
+            if "@" in url and "://" in url:
+                userinfo = url.split("://", 1)[1].split("@", 1)[0]
+                out.extend(p for p in userinfo.split(":", 1)[1:] if p)
+        for secret in (self.cfg.mqtt.password, self.cfg.storage.secret_key):
+            if secret is not None:
+                out.append(secret.get_secret_value())
+        return tuple(out)
+
+    def resolve_ffmpeg(self) -> str | None:
+        """Find FFmpeg/ffprobe; on failure keep running and answer starts with the reason."""
+        try:
+            self._ffmpeg = ffmpeg.resolve_executable(self.cfg.recording.ffmpeg_path, "ffmpeg")
+            probe = self.cfg.recording.ffprobe_path or ffmpeg.ffprobe_next_to(self._ffmpeg)
+            self._ffprobe = ffmpeg.resolve_executable(probe, "ffprobe")
+            self._ffmpeg_error = None
+        except FFmpegNotFound as exc:
+            self._ffmpeg_error = str(exc)
+        return self._ffmpeg_error
+
+    def recover(self) -> None:
+        """Rebuild state from the journal: finalise interrupted recordings, resume pending uploads."""
+        for camera in self.cfg.cameras:
+            for task in reversed(self._journal.latest(camera, self.cfg.mqtt.retained_tasks_per_camera)):
+                self._remember(task)
+        for task in self._journal.with_status(ACTIVE_STATUSES):
+            if task.camera_id not in self.cfg.cameras or self._ffmpeg_error:
+                task.status, task.error = "failed", (
+                    self._ffmpeg_error or f"camera {task.camera_id!r} is no longer configured"
+                )
+                self._remember(task)
+                self._journal.save(task)
+                continue
+            task.recovered = True
+            task.stop_reason = f"agent restarted while the task was {task.status}; recovered from segments"
+            task.status = "stopping"
+            task.updated = utc_now()
+            self._journal.save(task)
+            self._remember(task)
+            self._tasks[task.task_id] = task
+            log.warning("recovering %s from its segments", task.task_id)
+            rec = self._new_recorder(self._spec(task, "copy"), self.events.put, True)
+            self._recorders[task.task_id] = rec
+            rec.start()
+        for task in self._journal.with_status(UPLOAD_STATUSES):
+            self._remember(task)
+            self._tasks[task.task_id] = task
+            self._queue_upload(task)
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Handle events until a Shutdown event, then stop recordings and return (bounded)."""
+        next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS
+        while True:
+            now = time.monotonic()
+            self._enforce_deadlines(now)
+            if now >= next_housekeeping:
+                self._housekeeping()
+                next_housekeeping = now + HOUSEKEEPING_SECONDS
+            wake = min([next_housekeeping, *self._deadlines.values()])
+            try:
+                event = self.events.get(timeout=max(0.01, wake - time.monotonic()))
+            except queue.Empty:
+                continue
+            if isinstance(event, Shutdown):
+                self._shutdown(event.reason)
+                return
+            self.handle(event)
+
+    def handle(self, event: Event) -> None:
+        """Apply one event; an exception is logged and never ends the loop."""
+        try:
+            self._dispatch(event)
+        except Exception:
+            log.exception("error handling %s", type(event).__name__)
+
+    def _dispatch(self, event: Event) -> None:
+        match event:
+            case CommandReceived():
+                self._on_command(event)
+            case Connected():
+                self._republish_all()
+            case Disconnected():
+                log.info("broker connection lost; recordings continue, statuses are republished later")
+            case Probed(camera_id=cam, mode=mode, detail=detail):
+                log.info("camera %s sends %s: %s mode", cam, detail, mode)
+                self._probe_cache[cam] = mode
+            case MediaStarted(task_id=tid):
+                task = self._tasks.get(tid)
+                if task is not None and task.status == "starting":
+                    self._update(task, status="recording")
+            case Interrupted(task_id=tid, count=count, reason=reason):
+                task = self._tasks.get(tid)
+                if task is not None:
+                    log.warning("%s interrupted (%d): %s", tid, count, reason)
+                    self._update(task, interruptions=count)
+            case RecordingFinished():
+                self._on_recording_finished(event)
+            case RecordingFailed(task_id=tid, error=error):
+                self._on_recording_failed(tid, error)
+            case UploadAttempt(task_id=tid, attempt=n):
+                task = self._tasks.get(tid)
+                if task is not None:
+                    self._update(task, status="uploading", upload_attempts=n)
+            case UploadRetrying(task_id=tid, attempts=n, next_retry_at=when, error=err):
+                task = self._tasks.get(tid)
+                self._last_upload_error = err
+                if task is not None:
+                    self._update(task, status="upload_pending", upload_attempts=n, next_retry_at=when,
+                                 last_upload_error=err)  # fmt: skip
+            case UploadFinished():
+                task = self._tasks.pop(event.task_id, None)
+                if task is not None:
+                    self._update(
+                        task, status="uploaded", bucket=event.bucket, object_name=event.object_name,
+                        download_url=event.download_url or None, local_file_deleted=event.local_file_deleted,
+                        upload_attempts=event.attempts, next_retry_at=None, error=None,
+                    )  # fmt: skip
+            case UploadFailed(task_id=tid, error=error, attempts=n):
+                task = self._tasks.pop(tid, None)
+                self._last_upload_error = error
+                if task is not None:
+                    self._update(task, status="failed", error=f"upload failed: {error}", upload_attempts=n,
+                                 next_retry_at=None)  # fmt: skip
+
+    # ---- commands --------------------------------------------------------------------------
+
+    def _on_command(self, ev: CommandReceived) -> None:
+        camera = ev.camera_id
+        if camera not in self.cfg.cameras:
+            rid = request_id_of(ev.payload)
+            doc = {"status": "error", "camera_id": camera, "error": f"camera {camera!r} is not configured"}
+            self._send_reply(camera, doc, False, rid, ev)
+            return
+        try:
+            cmd = parse_command(ev.payload, self.cfg.mqtt.max_payload_bytes)
+        except CommandError as exc:
+            doc = {"status": "rejected", "camera_id": camera, "error": str(exc)}
+            self._send_reply(camera, doc, False, request_id_of(ev.payload), ev)
+            return
+        if cmd.request_id is not None:
+            seen = self._replies.get((camera, cmd.request_id))
+            if seen is not None:
+                # Redelivered (QoS 1 / persistent session): answer again, execute once.
+                log.info("duplicate request %s on %s: replying without re-executing", cmd.request_id, camera)
+                self._pub.reply(seen[1], seen[0], ev.response_topic, ev.correlation_data)
+                return
+        log.info("command %s on %s (task %r, request %s)", cmd.action, camera, cmd.task_name, cmd.request_id)
+        try:
+            doc, ok = self._handlers[cmd.action](camera, cmd)
+        except Exception as exc:
+            log.exception("command %s on %s failed", cmd.action, camera)
+            doc, ok = {"status": "error", "camera_id": camera, "error": f"internal error: {exc}"}, False
+        self._send_reply(camera, doc, ok, cmd.request_id, ev)
+
+    def _send_reply(
+        self, camera: str, doc: dict[str, Any], ok: bool, request_id: str | None, ev: CommandReceived
+    ) -> None:
+        body = dict(doc)
+        body["ok"] = ok
+        if request_id is not None:
+            body["request_id"] = request_id
+        payload = dumps(body)
+        topic = self.topics.reply(camera)
+        if request_id is not None:
+            self._replies[(camera, request_id)] = (payload, topic)
+            while len(self._replies) > DEDUP_REQUESTS:
+                self._replies.popitem(last=False)
+        self._pub.reply(topic, payload, ev.response_topic, ev.correlation_data)
+
+    def _cmd_start(self, camera: str, cmd: Command) -> tuple[dict[str, Any], bool]:
+        assert cmd.task_name is not None
+        busy = self._active.get(camera)
+        if busy is not None:
+            if busy.status in BUSY_STATUSES:
+                # Idempotent: a repeated start of the running task, or a start while busy, answers
+                # with the running task's status and starts nothing.
+                return busy.status_doc(), busy.task_name == cmd.task_name
+            del self._active[camera]
+        if self._stopping:
+            return {"status": "rejected", "camera_id": camera, "error": "agent is shutting down"}, False
+        if self._ffmpeg_error:
+            return {"status": "error", "camera_id": camera, "error": self._ffmpeg_error}, False
+        floor = self.cfg.storage.min_free_bytes
+        free = _free_bytes(self.cfg.recording.output_dir)
+        if free < floor:
+            return {
+                "status": "rejected", "camera_id": camera,
+                "error": f"disk almost full: {free // 2**20} MiB free in the output directory, "
+                f"below the {floor // 2**20} MiB floor (storage.min_free_bytes)",
+            }, False  # fmt: skip
+        limit = self.cfg.camera_max_seconds(camera)
+        if cmd.max_seconds is not None:
+            limit = min(limit, cmd.max_seconds)
+        task = self._new_task(camera, cmd.task_name, limit)
+        task.request_id = cmd.request_id
+        self._tasks[task.task_id] = task
+        self._active[camera] = task
+        self._remember(task)
+        self._publish(task)
+        mode = self.cfg.camera_video_mode(camera)
+        resolved = self._probe_cache.get(camera) if mode == "auto" else mode
+        rec = self._new_recorder(self._spec(task, resolved or "auto"), self.events.put, False)
+        self._recorders[task.task_id] = rec
+        self._deadlines[task.task_id] = time.monotonic() + limit
+        rec.start()
+        return task.status_doc(), True
+
+    def _cmd_stop(self, camera: str, cmd: Command) -> tuple[dict[str, Any], bool]:
+        task = self._active.get(camera)
+        if task is None or task.status not in ACTIVE_STATUSES:
+            latest = self._latest.get(camera)
+            if latest is not None and latest.task_name == cmd.task_name:
+                return latest.status_doc(), True  # already finished: its final status
+            return {"status": "not_running", "camera_id": camera}, False
+        if task.task_name != cmd.task_name:
+            return {"status": "task_mismatch", "camera_id": camera, "running_task": task.task_name}, False
+        self._request_stop(task, "stop command")
+        return task.status_doc(), True
+
+    def _cmd_status(self, camera: str, cmd: Command) -> tuple[dict[str, Any], bool]:
+        task = self._latest.get(camera)
+        if task is None:
+            return {"status": "idle", "camera_id": camera, "device_id": self.cfg.device_id}, True
+        return task.status_doc(), True
+
+    def _cmd_query(self, camera: str, cmd: Command) -> tuple[dict[str, Any], bool]:
+        assert cmd.task_name is not None
+        task = self._find(camera, cmd.task_name)
+        if task is None:
+            return {"status": "not_found", "camera_id": camera, "task_name": cmd.task_name}, False
+        return task.status_doc(), True
+
+    # ---- recordings ------------------------------------------------------------------------
+
+    def _new_task(self, camera: str, name: str, limit: int) -> Task:
+        started = utc_now()
+        ts = stamp(started)
+        file_name = f"{name}_{ts}.mp4"
+        local = self.cfg.recording.output_dir.resolve() / camera / file_name
+        storage = self.cfg.storage
+        task = Task(
+            task_id=f"{camera}/{name}_{ts}", camera_id=camera, task_name=name, device_id=self.cfg.device_id,
+            started=started, storage_type=storage.type, local_file=str(local), max_seconds=limit,
+        )  # fmt: skip
+        if storage.type == "minio":
+            task.bucket = storage.bucket
+            task.object_name = f"{self.cfg.device_id}/{camera}/{started:%Y/%m/%d}/{file_name}"
+            task.local_file_deleted = False
+        return task
+
+    def _spec(self, task: Task, mode: Literal["auto", "copy", "transcode"]) -> RecordingSpec:
+        rc = self.cfg.recording
+        cam = self.cfg.cameras[task.camera_id]
+        assert self._ffmpeg is not None and self._ffprobe is not None
+        return RecordingSpec(
+            task_id=task.task_id, camera_id=task.camera_id, url=cam.url.get_secret_value(),
+            rtsp_transport=cam.rtsp_transport, mode=mode, segment_dir=task.segment_dir,
+            output_file=Path(task.local_file), ffmpeg=self._ffmpeg, ffprobe=self._ffprobe,
+            segment_seconds=rc.segment_seconds, first_frame_timeout=rc.first_frame_timeout_seconds,
+            stall_timeout=rc.stall_timeout_seconds, stop_timeout=rc.stop_timeout_seconds,
+            rtsp_timeout=rc.rtsp_timeout_seconds, restart_backoff_max=rc.restart_backoff_max_seconds,
+            max_restarts=rc.max_restarts, probe_timeout=rc.probe_timeout_seconds, preset=rc.transcode_preset,
+            analyzeduration_us=rc.analyzeduration_us, probesize=rc.probesize,
+            stats_period=rc.stats_period_seconds, secrets=self._secrets,
+        )  # fmt: skip
+
+    def _request_stop(self, task: Task, reason: str) -> None:
+        self._deadlines.pop(task.task_id, None)
+        rec = self._recorders.get(task.task_id)
+        self._update(task, status="stopping", stop_reason=task.stop_reason or reason)
+        if rec is not None:
+            rec.request_stop()
+
+    def _enforce_deadlines(self, now: float) -> None:
+        for tid, deadline in list(self._deadlines.items()):
+            if now >= deadline:
+                task = self._tasks.get(tid)
+                self._deadlines.pop(tid, None)
+                if task is not None and task.status in ACTIVE_STATUSES:
+                    log.info("%s reached its maximum duration of %d s", tid, task.max_seconds)
+                    self._request_stop(task, f"max_duration_reached: {task.max_seconds} s")
+
+    def _release(self, task: Task) -> None:
+        self._recorders.pop(task.task_id, None)
+        self._deadlines.pop(task.task_id, None)
+        if self._active.get(task.camera_id) is task:
+            del self._active[task.camera_id]
+
+    def _on_recording_finished(self, ev: RecordingFinished) -> None:
+        task = self._tasks.get(ev.task_id)
+        if task is None:
+            return
+        self._recorders.pop(task.task_id, None)
+        self._deadlines.pop(task.task_id, None)
+        changes: dict[str, Any] = {
+            "local_file": str(ev.path), "size_bytes": ev.size_bytes, "duration_seconds": ev.duration_seconds,
+            "sha256": ev.sha256, "rejected_segments": list(ev.rejected_segments) or None,
+        }  # fmt: skip
+        if not task.stop_reason:
+            changes["stop_reason"] = "recording ended"
+        if self.cfg.storage.type == "local" or self._uploads is None:
+            self._tasks.pop(task.task_id, None)
+            self._update(task, status="completed", **changes)
+            self._release(task)
+            return
+        # Journal first (status `uploading`), then hand the job to a worker: a crash in between
+        # leaves the task in the journal's upload queue, resumed at the next start.
+        self._update(task, status="uploading", upload_attempts=task.upload_attempts or 0, **changes)
+        self._queue_upload(task)
+        if self._stopping:
+            self._release(task)
+
+    def _queue_upload(self, task: Task) -> None:
+        assert self._uploads is not None
+        path = Path(task.local_file)
+        if not path.exists() or task.sha256 is None or task.size_bytes is None or task.object_name is None:
+            self._tasks.pop(task.task_id, None)
+            self._update(task, status="failed", error=f"local file {path.name} is missing; nothing to upload")
+            self._release(task)
+            return
+        self._uploads.submit(task.task_id, path, task.object_name, task.sha256, task.size_bytes,
+                             task.started.timestamp(), task.upload_attempts or 0)  # fmt: skip
+
+    def _on_recording_failed(self, task_id: str, error: str) -> None:
+        task = self._tasks.pop(task_id, None)
+        if task is None:
+            return
+        self._update(task, status="failed", error=error)
+        self._release(task)
+
+    # ---- state and publishing -----------------------------------------------------------------
+
+    def _update(self, task: Task, **changes: Any) -> None:
+        for key, value in changes.items():
+            setattr(task, key, value)
+        task.updated = utc_now()
+        if task.status not in BUSY_STATUSES and self._active.get(task.camera_id) is task:
+            del self._active[task.camera_id]
+        self._publish(task)
+
+    def _publish(self, task: Task) -> None:
+        """Journal, then publish the task topic and (if newest) the camera's status topic."""
+        self._journal.save(task)
+        payload = dumps(task.status_doc())
+        self._pub.publish(self.topics.task(task.camera_id, task.task_name), payload, retain=True)
+        if self._latest.get(task.camera_id) is task:
+            self._pub.publish(self.topics.status(task.camera_id), payload, retain=True)
+        if task.storage_type == "minio":
+            self._publish_uploads()
+        if task.status in TERMINAL_STATUSES:
+            log.info("%s ended %s%s", task.task_id, task.status, f": {task.error}" if task.error else "")
+
+    def _remember(self, task: Task) -> None:
+        """Make `task` the camera's newest; keep the retained task topics bounded."""
+        if task.camera_id not in self._retained:
+            return
+        latest = self._latest.get(task.camera_id)
+        if latest is None or task.started >= latest.started:
+            self._latest[task.camera_id] = task
+        kept = self._retained[task.camera_id]
+        kept.pop(task.task_name, None)
+        kept[task.task_name] = task
+        limit = self.cfg.mqtt.retained_tasks_per_camera
+        for name in list(kept):
+            if len(kept) <= limit:
+                break
+            old = kept[name]
+            if old.status in TERMINAL_STATUSES:
+                del kept[name]
+                self._pub.publish(self.topics.task(task.camera_id, name), b"", retain=True)
+        self._journal.prune(task.camera_id, max(limit, 100))
+
+    def _find(self, camera: str, name: str) -> Task | None:
+        kept = self._retained.get(camera, OrderedDict())
+        return kept.get(name) or self._journal.find(camera, name)
+
+    def _uploads_doc(self) -> dict[str, Any]:
+        pending = [t for t in self._tasks.values() if t.status in UPLOAD_STATUSES]
+        now = utc_now()
+        doc: dict[str, Any] = {
+            "device_id": self.cfg.device_id,
+            "queue_length": len(pending),
+            "bytes_pending": sum(t.size_bytes or 0 for t in pending),
+        }
+        if pending:
+            oldest = min(t.started for t in pending)
+            doc["oldest_pending_age_seconds"] = round((now - oldest).total_seconds(), 1)
+        if self._last_upload_error:
+            doc["last_error"] = self._last_upload_error
+        return doc
+
+    def _publish_uploads(self, force: bool = False) -> None:
+        doc = self._uploads_doc()
+        # Publish on change of the queue, not of the age (which changes every second).
+        key = dumps({k: v for k, v in doc.items() if k != "oldest_pending_age_seconds"})
+        if force or key != self._last_uploads_doc:
+            self._last_uploads_doc = key
+            doc["updated_at"] = iso(utc_now())
+            self._pub.publish(self.topics.uploads, dumps(doc), retain=True)
+
+    def _republish_all(self) -> None:
+        """After every (re)connect: retained state from live state, never from a stale copy."""
+        for camera in self.cfg.cameras:
+            latest = self._latest.get(camera)
+            doc = latest.status_doc() if latest else {"status": "idle", "camera_id": camera,
+                                                       "device_id": self.cfg.device_id}  # fmt: skip
+            self._pub.publish(self.topics.status(camera), dumps(doc), retain=True)
+            for name, task in self._retained[camera].items():
+                self._pub.publish(self.topics.task(camera, name), dumps(task.status_doc()), retain=True)
+        if self.cfg.storage.type == "minio":
+            self._publish_uploads(force=True)
+
+    def _housekeeping(self) -> None:
+        if self.cfg.storage.type == "minio":
+            self._publish_uploads(force=True)
+        self._apply_retention()
+
+    def _apply_retention(self) -> None:
+        """Delete kept local copies of *uploaded* recordings past `retention_days`. Nothing else."""
+        days = self.cfg.storage.retention_days
+        if days is None or self.cfg.storage.type != "minio":
+            return
+        cutoff = utc_now().timestamp() - days * 86400
+        for task in self._journal.finished_uploaded_kept():
+            if task.started.timestamp() < cutoff:
+                with contextlib.suppress(FileNotFoundError):
+                    Path(task.local_file).unlink()
+                task.local_file_deleted = True
+                task.updated = utc_now()
+                self._journal.save(task)
+                log.info("retention: deleted local copy of uploaded %s", task.task_id)
+
+    # ---- shutdown --------------------------------------------------------------------------
+
+    def _shutdown(self, reason: str) -> None:
+        """Finalise running recordings (bounded), leave uploads journaled, stop workers."""
+        self._stopping = True
+        log.info("shutting down (%s): stopping %d recording(s)", reason, len(self._recorders))
+        for task in list(self._active.values()):
+            if task.status in ACTIVE_STATUSES:
+                self._request_stop(task, f"agent shutdown ({reason})")
+        rc = self.cfg.recording
+        deadline = time.monotonic() + rc.stop_timeout_seconds + 30.0
+        while self._recorders and time.monotonic() < deadline:
+            try:
+                event = self.events.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if not isinstance(event, Shutdown):
+                self.handle(event)  # commands still get a reply (starts are rejected)
+        if self._recorders:
+            log.error("recordings still finalising at exit: %s (recovered at next start)", list(self._recorders))
+        if self._uploads is not None:
+            self._uploads.stop(timeout=3.0)
+        # Apply the last upload events that arrived while the workers stopped.
+        with contextlib.suppress(queue.Empty):
+            while True:
+                event = self.events.get_nowait()
+                if not isinstance(event, Shutdown):
+                    self.handle(event)
+
+
+def _free_bytes(path: Path) -> int:
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free

@@ -1,0 +1,151 @@
+"""Command line: `edge-agent run` and `edge-agent check-config`. The one place that wires concrete classes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import queue
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+from edge_agent import __version__, ffmpeg
+from edge_agent.agent import Agent, Event, Shutdown
+from edge_agent.config import AgentConfig, load_config
+from edge_agent.errors import ConfigError
+from edge_agent.journal import Journal
+from edge_agent.mqtt import MqttLink
+from edge_agent.topics import Topics
+from edge_agent.uploads import MinioStore, UploadPool
+
+log = logging.getLogger("edge_agent")
+
+JOURNAL_NAME = ".edge-agent.sqlite3"
+EXIT_CONFIG = 2
+
+
+class RedactingFilter(logging.Filter):
+    """Last line of defence: strips URL credentials and known secrets from every log record."""
+
+    def __init__(self, secrets: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        clean = ffmpeg.redact(msg, self.secrets)
+        if clean != msg:
+            record.msg, record.args = clean, None
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "thread": record.threadName,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, ensure_ascii=False)
+
+
+def setup_logging(level: str, fmt: str, secrets: tuple[str, ...] = ()) -> RedactingFilter:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s"))
+    redactor = RedactingFilter(secrets)
+    handler.addFilter(redactor)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+    return redactor
+
+
+def cmd_check_config(path: Path) -> int:
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        print(f"{path}: invalid configuration:\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    problems = []
+    try:
+        ffmpeg.resolve_executable(cfg.recording.ffmpeg_path, "ffmpeg")
+    except Exception as exc:
+        problems.append(f"recording.ffmpeg_path: {exc}")
+    for p in problems:
+        print(f"warning: {p}", file=sys.stderr)
+    print(f"{path}: OK (device {cfg.device_id}, {len(cfg.cameras)} camera(s), storage {cfg.storage.type})")
+    return 0
+
+
+def run_agent(cfg: AgentConfig, redactor: RedactingFilter) -> int:
+    events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+    output_dir = cfg.recording.output_dir.resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    journal = Journal(output_dir / JOURNAL_NAME)
+    pool = None
+    if cfg.storage.type == "minio":
+        pool = UploadPool(MinioStore(cfg.storage), cfg.storage, events.put)
+    client_id = cfg.mqtt.client_id or f"edge-agent-{cfg.device_id}"
+    link = MqttLink(cfg.mqtt, Topics(cfg.mqtt.topic_prefix, cfg.device_id), client_id, events.put)
+    agent = Agent(cfg, link, journal, pool, events)
+    redactor.secrets = agent._secrets
+    err = agent.resolve_ffmpeg()
+    if err:
+        log.error("%s; start commands will be answered with this error", err)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        events.put(Shutdown(signal.Signals(signum).name))  # SimpleQueue.put is signal-safe
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("edge-agent %s starting: device %s, %d camera(s), storage %s, output %s",
+             __version__, cfg.device_id, len(cfg.cameras), cfg.storage.type, output_dir)  # fmt: skip
+    agent.recover()
+    if pool is not None:
+        pool.start()
+    link.start()
+    started = time.monotonic()
+    try:
+        agent.run()
+    finally:
+        link.stop(timeout=3.0)
+        journal.close()
+    log.info("edge-agent stopped after %.0f s", time.monotonic() - started)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the agent")
+    run.add_argument("--config", type=Path, default=Path("agent.yaml"))
+    run.add_argument("--log-format", choices=("text", "json"), default="text")
+    run.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), default=None)
+    check = sub.add_parser("check-config", help="validate agent.yaml and exit")
+    check.add_argument("--config", type=Path, default=Path("agent.yaml"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "check-config":
+        return cmd_check_config(args.config)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"{args.config}: invalid configuration:\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    redactor = setup_logging(args.log_level or cfg.log_level, args.log_format)
+    return run_agent(cfg, redactor)

@@ -1,0 +1,250 @@
+"""Models of `agent.yaml`, validated by pydantic: unknown keys are rejected, every bad key is named.
+
+Secrets can be kept out of the file: environment variables override them (see `ENV_OVERRIDES`
+and `EDGE_AGENT_CAMERA_<ID>_URL`), so a systemd `EnvironmentFile=` or a Docker secret can carry them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from edge_agent.errors import ConfigError
+
+CAMERA_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+DEVICE_ID_RE = CAMERA_ID_RE
+TOPIC_PREFIX_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
+
+VideoMode = Literal["auto", "copy", "transcode"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsConfig(_Model):
+    """TLS to the broker; off by default (LAN brokers), on for anything crossing the internet."""
+
+    enabled: bool = False
+    ca_file: Path | None = Field(None, description="CA bundle; the system store when null")
+    cert_file: Path | None = Field(None, description="client certificate for mutual TLS")
+    key_file: Path | None = None
+    insecure: bool = Field(False, description="skip hostname verification (testing only)")
+
+
+class MqttConfig(_Model):
+    """The broker the agent dials out to."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    password: SecretStr | None = None
+    topic_prefix: str = "edge"
+    client_id: str | None = Field(None, description="default: edge-agent-<device_id>; must be stable")
+    protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version")
+    keepalive: int = Field(30, ge=5, le=3600)
+    qos: Literal[0, 1, 2] = Field(1, description="QoS of commands, replies and statuses")
+    session_expiry_seconds: int = Field(
+        86400, ge=0, description="how long the broker keeps commands queued while the agent is offline"
+    )
+    reconnect_min_seconds: float = Field(1.0, gt=0)
+    reconnect_max_seconds: float = Field(60.0, gt=0)
+    retained_tasks_per_camera: int = Field(
+        20, ge=1, le=1000, description="retained P/D/C/tasks/<name> topics kept per camera"
+    )
+    max_payload_bytes: int = Field(65536, ge=256, description="larger commands are rejected")
+    tls: TlsConfig = TlsConfig()
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not TOPIC_PREFIX_RE.match(v):
+            raise ValueError("must be topic levels of letters, digits, '_' or '-' separated by '/'")
+        return v
+
+    @model_validator(mode="after")
+    def _backoff(self) -> MqttConfig:
+        if self.reconnect_max_seconds < self.reconnect_min_seconds:
+            raise ValueError("reconnect_max_seconds must be >= reconnect_min_seconds")
+        return self
+
+
+class CameraConfig(_Model):
+    """One camera: where its stream is and how to record it."""
+
+    url: SecretStr = Field(description="rtsp:// (or any FFmpeg input) URL; may hold credentials")
+    rtsp_transport: Literal["tcp", "udp"] = "tcp"
+    max_seconds: int | None = Field(None, ge=1, description="overrides recording.max_seconds")
+    video: VideoMode | None = Field(None, description="overrides recording.video")
+    name: str | None = Field(None, description="human name (Home Assistant device name)")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: SecretStr) -> SecretStr:
+        raw = v.get_secret_value().strip()
+        if not raw:
+            raise ValueError("must not be empty")
+        if "://" not in raw and not raw.startswith("/"):
+            raise ValueError("must be a URL such as rtsp://host:554/stream")
+        return SecretStr(raw)
+
+
+class RecordingConfig(_Model):
+    """How FFmpeg records: where, for how long at most, and its timeouts."""
+
+    output_dir: Path = Path("./recordings")
+    ffmpeg_path: str = "ffmpeg"
+    ffprobe_path: str | None = Field(None, description="default: ffprobe next to ffmpeg_path")
+    max_seconds: int = Field(3600, ge=1, description="hard cap on every task")
+    video: VideoMode = Field("auto", description="auto: copy H.264 yuv420p, transcode anything else")
+    transcode_preset: str = "veryfast"
+    segment_seconds: int = Field(4, ge=1, le=60, description="crash-safe segment length")
+    first_frame_timeout_seconds: float = Field(20.0, gt=0, description="no media by then: task fails")
+    stall_timeout_seconds: float = Field(15.0, gt=0, description="no progress this long: restart FFmpeg")
+    stop_timeout_seconds: float = Field(10.0, gt=0, description="graceful stop wait before SIGKILL")
+    rtsp_timeout_seconds: float = Field(10.0, gt=0, description="FFmpeg RTSP socket timeout")
+    restart_backoff_max_seconds: float = Field(10.0, gt=0)
+    max_restarts: int = Field(1000, ge=0, description="FFmpeg restarts per task before it fails")
+    probe_timeout_seconds: float = Field(15.0, gt=0)
+    analyzeduration_us: int = Field(500000, ge=0, description="FFmpeg -analyzeduration (faster start)")
+    probesize: int = Field(500000, ge=32)
+    stats_period_seconds: float = Field(0.5, gt=0, description="FFmpeg -stats_period")
+
+
+class StorageConfig(_Model):
+    """Where finished recordings go: MinIO/S3 (with a durable queue) or local disk only."""
+
+    type: Literal["minio", "local"] = "local"
+    endpoint: str = "127.0.0.1:9000"
+    access_key: SecretStr | None = None
+    secret_key: SecretStr | None = None
+    bucket: str = "recordings"
+    secure: bool = False
+    region: str = Field("us-east-1", description="set so presigning needs no network round trip")
+    delete_local_after_upload: bool = True
+    presign_seconds: int = Field(86400, ge=1, le=604800)
+    upload_workers: int = Field(2, ge=1, le=16)
+    upload_order: Literal["oldest", "newest"] = "oldest"
+    bandwidth_limit_bytes_per_second: int | None = Field(None, ge=1024)
+    retry_initial_seconds: float = Field(1.0, gt=0)
+    retry_max_seconds: float = Field(300.0, gt=0, description="cap of the exponential backoff")
+    connect_timeout_seconds: float = Field(5.0, gt=0)
+    read_timeout_seconds: float = Field(30.0, gt=0)
+    part_size_bytes: int = Field(16 * 1024 * 1024, ge=5 * 1024 * 1024)
+    min_free_bytes: int = Field(
+        512 * 1024 * 1024, ge=0, description="refuse new starts below this much free disk"
+    )
+    retention_days: float | None = Field(
+        None, gt=0, description="delete kept local copies of *uploaded* recordings after this age"
+    )
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, v: str) -> str:
+        if not re.match(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$", v):
+            raise ValueError("must be a valid S3 bucket name (3-63 of a-z 0-9 . -)")
+        return v
+
+    @model_validator(mode="after")
+    def _keys(self) -> StorageConfig:
+        if self.type == "minio" and (self.access_key is None or self.secret_key is None):
+            raise ValueError("storage.type minio needs access_key and secret_key")
+        return self
+
+
+class AgentConfig(_Model):
+    """The whole `agent.yaml`."""
+
+    device_id: str
+    mqtt: MqttConfig = MqttConfig()
+    cameras: dict[str, CameraConfig] = Field(default_factory=dict)
+    recording: RecordingConfig = RecordingConfig()
+    storage: StorageConfig = StorageConfig()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("device_id")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not DEVICE_ID_RE.match(v):
+            raise ValueError("must be 1-64 of letters, digits, '_' or '-'")
+        return v
+
+    @field_validator("cameras")
+    @classmethod
+    def _cameras(cls, v: dict[str, CameraConfig]) -> dict[str, CameraConfig]:
+        bad = [k for k in v if not CAMERA_ID_RE.match(k)]
+        if bad:
+            raise ValueError(f"camera ids must be 1-64 of letters, digits, '_' or '-': {bad}")
+        return v
+
+    def camera_max_seconds(self, camera_id: str) -> int:
+        cam = self.cameras[camera_id]
+        return cam.max_seconds if cam.max_seconds is not None else self.recording.max_seconds
+
+    def camera_video_mode(self, camera_id: str) -> VideoMode:
+        cam = self.cameras[camera_id]
+        return cam.video if cam.video is not None else self.recording.video
+
+
+# Environment variables that override secrets (and the broker address) from the file.
+ENV_OVERRIDES: dict[str, tuple[str, str]] = {
+    "EDGE_AGENT_MQTT_HOST": ("mqtt", "host"),
+    "EDGE_AGENT_MQTT_PORT": ("mqtt", "port"),
+    "EDGE_AGENT_MQTT_USERNAME": ("mqtt", "username"),
+    "EDGE_AGENT_MQTT_PASSWORD": ("mqtt", "password"),
+    "EDGE_AGENT_STORAGE_ENDPOINT": ("storage", "endpoint"),
+    "EDGE_AGENT_STORAGE_ACCESS_KEY": ("storage", "access_key"),
+    "EDGE_AGENT_STORAGE_SECRET_KEY": ("storage", "secret_key"),
+}
+
+
+def _apply_env(raw: dict[str, Any], env: dict[str, str]) -> None:
+    for var, (section, key) in ENV_OVERRIDES.items():
+        if var in env:
+            sect = raw.setdefault(section, {})
+            if isinstance(sect, dict):
+                sect[key] = env[var]
+    cameras = raw.get("cameras")
+    if isinstance(cameras, dict):
+        for cam_id, cam in cameras.items():
+            var = f"EDGE_AGENT_CAMERA_{str(cam_id).upper().replace('-', '_')}_URL"
+            if var in env and isinstance(cam, dict):
+                cam["url"] = env[var]
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per bad key, as `mqtt.port: Input should be ...` (never echoing secret values)."""
+    lines = []
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"{loc}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: object, env: dict[str, str] | None = None) -> AgentConfig:
+    """Validate an already-parsed YAML document (plus environment overrides)."""
+    if not isinstance(raw, dict):
+        raise ConfigError("the configuration must be a YAML mapping at the top level")
+    _apply_env(raw, dict(os.environ) if env is None else env)
+    try:
+        return AgentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+
+
+def load_config(path: Path, env: dict[str, str] | None = None) -> AgentConfig:
+    """Read and validate `agent.yaml`; raises ConfigError naming each problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return parse_config(raw, env)

@@ -1,0 +1,226 @@
+"""Pure functions around FFmpeg: command lines, probe and progress parsing, credential redaction.
+
+Nothing here starts a process, so every command line is tested as a list.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from edge_agent.errors import FFmpegNotFound
+
+SEGMENT_PATTERN = "seg_%06d.ts"
+SEGMENT_GLOB = "seg_*.ts"
+# pix_fmts that every browser's H.264 decoder plays (yuvj420p is full-range yuv420p).
+BROWSER_PIX_FMTS = frozenset({"yuv420p", "yuvj420p"})
+
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/@\s]+@")
+
+
+def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
+    """Remove user:password from every URL in `text`, and any known secret value."""
+    text = _URL_CREDENTIALS.sub(r"\g<scheme>***@", text)
+    for secret in secrets:
+        if secret and len(secret) >= 3:
+            text = text.replace(secret, "***")
+    return text
+
+
+def resolve_executable(configured: str, what: str = "ffmpeg") -> str:
+    """Absolute path of an executable given as a path or a name on PATH; FFmpegNotFound otherwise."""
+    name = configured.strip()
+    if not name:
+        raise FFmpegNotFound(f"recording.{what}_path is empty: install FFmpeg or set the path")
+    if os.sep in name:
+        if os.path.isfile(name) and os.access(name, os.X_OK):
+            return os.path.abspath(name)
+        raise FFmpegNotFound(f"{what} not found or not executable at {name!r}")
+    found = shutil.which(name)
+    if found:
+        return found
+    raise FFmpegNotFound(f"{what} {name!r} not found on PATH: install FFmpeg (apt install ffmpeg)")
+
+
+def ffprobe_next_to(ffmpeg: str) -> str:
+    """ffprobe from the same directory as the resolved ffmpeg binary."""
+    return str(Path(ffmpeg).with_name("ffprobe"))
+
+
+def _input_options(url: str, rtsp_transport: str, rtsp_timeout_s: float) -> list[str]:
+    if url.startswith(("rtsp://", "rtsps://")):
+        # FFmpeg 5: -timeout is the RTSP socket timeout in microseconds (-stimeout is gone).
+        return ["-rtsp_transport", rtsp_transport, "-timeout", str(int(rtsp_timeout_s * 1_000_000))]
+    return []
+
+
+def probe_argv(
+    ffprobe: str, url: str, *, rtsp_transport: str, rtsp_timeout_s: float, analyzeduration_us: int,
+    probesize: int,
+) -> list[str]:
+    """ffprobe of the first video stream of a camera, as JSON."""
+    return [
+        ffprobe, "-v", "error", *_input_options(url, rtsp_transport, rtsp_timeout_s),
+        "-analyzeduration", str(analyzeduration_us), "-probesize", str(probesize),
+        "-select_streams", "v:0", "-show_entries", "stream=codec_name,pix_fmt,width,height",
+        "-of", "json", url,
+    ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """What matters of a camera's video stream to decide copy vs transcode."""
+
+    codec: str
+    pix_fmt: str
+    width: int
+    height: int
+
+    @property
+    def browser_compatible(self) -> bool:
+        return (
+            self.codec == "h264"
+            and self.pix_fmt in BROWSER_PIX_FMTS
+            and self.width % 2 == 0
+            and self.height % 2 == 0
+        )
+
+
+def parse_probe(output: str) -> StreamInfo | None:
+    """The first video stream in ffprobe's JSON, or None if there is none."""
+    try:
+        doc = json.loads(output or "{}")
+    except json.JSONDecodeError:
+        return None
+    streams = doc.get("streams") or []
+    if not streams:
+        return None
+    s = streams[0]
+    return StreamInfo(
+        codec=str(s.get("codec_name", "")),
+        pix_fmt=str(s.get("pix_fmt", "")),
+        width=int(s.get("width") or 0),
+        height=int(s.get("height") or 0),
+    )
+
+
+def record_argv(
+    ffmpeg: str,
+    url: str,
+    segment_dir: Path,
+    *,
+    mode: Literal["copy", "transcode"],
+    rtsp_transport: str = "tcp",
+    rtsp_timeout_s: float = 10.0,
+    segment_seconds: int = 4,
+    start_number: int = 0,
+    preset: str = "veryfast",
+    analyzeduration_us: int = 500000,
+    probesize: int = 500000,
+    stats_period_s: float = 0.5,
+) -> list[str]:
+    """Record a camera into MPEG-TS segments: a kill loses at most the segment being written.
+
+    `-progress pipe:1` gives machine-readable `frame=` lines on stdout, the signal that media is
+    really arriving. MPEG-TS needs no index, so every closed segment is playable on its own.
+    """
+    if mode == "copy":
+        video = ["-c:v", "copy"]
+    else:
+        video = [
+            "-c:v", "libx264", "-preset", preset, "-pix_fmt", "yuv420p",
+            "-vf", "scale=trunc(iw/2)*2:trunc(ih/2)*2",
+            # A keyframe at every segment boundary, so segments cut where asked.
+            "-force_key_frames", f"expr:gte(t,n_forced*{segment_seconds})",
+        ]  # fmt: skip
+    return [
+        ffmpeg, "-hide_banner", "-loglevel", "error", "-nostats",
+        "-progress", "pipe:1", "-stats_period", f"{stats_period_s:g}",
+        *_input_options(url, rtsp_transport, rtsp_timeout_s),
+        "-analyzeduration", str(analyzeduration_us), "-probesize", str(probesize),
+        "-i", url,
+        "-map", "0:v:0", "-an", "-sn", "-dn", *video,
+        "-f", "segment", "-segment_time", str(segment_seconds), "-segment_format", "mpegts",
+        "-segment_start_number", str(start_number), "-reset_timestamps", "0",
+        str(segment_dir / SEGMENT_PATTERN),
+    ]  # fmt: skip
+
+
+def concat_list(segments: list[Path]) -> str:
+    """The concat demuxer's list file for `segments` (paths quoted for the demuxer)."""
+    lines = []
+    for seg in segments:
+        escaped = str(seg.resolve()).replace("'", "'\\''")
+        lines.append(f"file '{escaped}'")
+    return "\n".join(lines) + "\n"
+
+
+def concat_argv(ffmpeg: str, list_file: Path, output: Path) -> list[str]:
+    """Join segments into one browser-ready MP4 (stream copy, `moov` at the front)."""
+    return [
+        ffmpeg, "-hide_banner", "-loglevel", "error", "-nostdin", "-y",
+        "-f", "concat", "-safe", "0", "-i", str(list_file),
+        "-map", "0:v:0", "-c", "copy", "-movflags", "+faststart", "-f", "mp4", str(output),
+    ]  # fmt: skip
+
+
+def file_probe_argv(ffprobe: str, path: Path) -> list[str]:
+    """ffprobe of a finished file: video codec and container duration."""
+    return [
+        ffprobe, "-v", "error", "-select_streams", "v:0",
+        "-show_entries", "stream=codec_name,pix_fmt,width,height:format=duration",
+        "-of", "json", str(path),
+    ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """A finished file's video codec and duration."""
+
+    codec: str
+    pix_fmt: str
+    width: int
+    height: int
+    duration: float
+
+
+def parse_file_probe(output: str) -> FileInfo | None:
+    """FileInfo from ffprobe JSON, or None when the file has no video stream."""
+    stream = parse_probe(output)
+    if stream is None:
+        return None
+    try:
+        duration = float(json.loads(output).get("format", {}).get("duration") or 0.0)
+    except (ValueError, json.JSONDecodeError):
+        duration = 0.0
+    return FileInfo(stream.codec, stream.pix_fmt, stream.width, stream.height, duration)
+
+
+class ProgressParser:
+    """Accumulates `key=value` lines of `-progress` output; returns a block at each `progress=` line."""
+
+    def __init__(self) -> None:
+        self._block: dict[str, str] = {}
+
+    def feed(self, line: str) -> dict[str, str] | None:
+        key, sep, value = line.strip().partition("=")
+        if not sep:
+            return None
+        self._block[key] = value
+        if key == "progress":
+            block, self._block = self._block, {}
+            return block
+        return None
+
+
+def progress_frames(block: dict[str, str]) -> int:
+    """Frames written so far according to a progress block (0 when unknown)."""
+    try:
+        return int(block.get("frame", "0"))
+    except ValueError:
+        return 0

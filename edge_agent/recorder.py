@@ -1,0 +1,446 @@
+"""One recording: supervises FFmpeg for one task and finalises its segments into one MP4.
+
+A `Recorder` is a thread that owns its FFmpeg process from spawn to reap. It knows no MQTT: it
+reports through `post(event)`, which only enqueues. Lifecycle of each FFmpeg run:
+
+    spawn (own session) -> read -progress / drain stderr -> [stop: 'q' on stdin, bounded wait,
+    SIGKILL] -> reap -> restart with backoff while the task is active (watchdog) or finalise.
+
+Finalising joins the MPEG-TS segments into a `+faststart` MP4 with stream copy. Segments that
+cannot be read are moved to `rejected/` beside them and reported, never deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import random
+import selectors
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Literal
+
+from edge_agent import ffmpeg
+from edge_agent.errors import RecordingError
+
+log = logging.getLogger(__name__)
+
+STDERR_TAIL_LINES = 20
+
+
+# ---- events posted to the agent --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Probed:
+    camera_id: str
+    mode: Literal["copy", "transcode"]
+    detail: str
+
+
+@dataclass(frozen=True)
+class MediaStarted:
+    task_id: str
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    task_id: str
+    count: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class RecordingFinished:
+    task_id: str
+    path: Path
+    size_bytes: int
+    duration_seconds: float
+    sha256: str
+    rejected_segments: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RecordingFailed:
+    task_id: str
+    error: str
+
+
+RecorderEvent = Probed | MediaStarted | Interrupted | RecordingFinished | RecordingFailed
+
+
+@dataclass(frozen=True)
+class RecordingSpec:
+    """Everything a recorder needs; built by the agent from config and the command."""
+
+    task_id: str
+    camera_id: str
+    url: str
+    rtsp_transport: str
+    mode: Literal["auto", "copy", "transcode"]
+    segment_dir: Path
+    output_file: Path
+    ffmpeg: str
+    ffprobe: str
+    segment_seconds: int
+    first_frame_timeout: float
+    stall_timeout: float
+    stop_timeout: float
+    rtsp_timeout: float
+    restart_backoff_max: float
+    max_restarts: int
+    probe_timeout: float
+    preset: str
+    analyzeduration_us: int
+    probesize: int
+    stats_period: float
+    secrets: tuple[str, ...] = field(default=(), repr=False)
+
+
+class Recorder(threading.Thread):
+    """Records one task until asked to stop, then finalises it; or only finalises (recovery)."""
+
+    def __init__(
+        self, spec: RecordingSpec, post: Callable[[RecorderEvent], None], *, finalise_only: bool = False
+    ) -> None:
+        super().__init__(name=f"recorder.{spec.camera_id}", daemon=True)
+        self.spec = spec
+        self._post = post
+        self._finalise_only = finalise_only
+        self._stop_requested = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()
+        self._stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+        self._media_seen = False
+        self.interruptions = 0
+
+    # -- called from the agent thread --------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Ask for a graceful stop; returns at once (the thread stops FFmpeg with a bounded wait)."""
+        if not self._stop_requested.is_set():
+            self._stop_requested.set()
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
+
+    # -- the thread ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            if not self._finalise_only:
+                self._record()
+            self._finalise()
+        except RecordingError as exc:
+            self._post(RecordingFailed(self.spec.task_id, self._redact(str(exc))))
+        except Exception as exc:  # a bug must fail the task, not leave it hanging
+            log.exception("recorder for %s crashed", self.spec.task_id)
+            self._post(RecordingFailed(self.spec.task_id, self._redact(f"internal error: {exc!r}")))
+        finally:
+            for fd in (self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def _redact(self, text: str) -> str:
+        return ffmpeg.redact(text, self.spec.secrets)
+
+    def _resolve_mode(self) -> Literal["copy", "transcode"]:
+        spec = self.spec
+        if spec.mode != "auto":
+            return spec.mode
+        argv = ffmpeg.probe_argv(
+            spec.ffprobe, spec.url, rtsp_transport=spec.rtsp_transport, rtsp_timeout_s=spec.rtsp_timeout,
+            analyzeduration_us=spec.analyzeduration_us, probesize=spec.probesize,
+        )  # fmt: skip
+        try:
+            out = subprocess.run(
+                argv, capture_output=True, text=True, timeout=spec.probe_timeout, check=False,
+                stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise RecordingError(f"camera did not answer a probe within {spec.probe_timeout:g} s") from None
+        info = ffmpeg.parse_probe(out.stdout) if out.returncode == 0 else None
+        if info is None:
+            tail = out.stderr.strip().splitlines()[-3:]
+            raise RecordingError("camera probe failed: " + (" | ".join(tail) or "no video stream"))
+        mode: Literal["copy", "transcode"] = "copy" if info.browser_compatible else "transcode"
+        detail = f"{info.codec} {info.pix_fmt} {info.width}x{info.height}"
+        self._post(Probed(spec.camera_id, mode, detail))
+        return mode
+
+    def _record(self) -> None:
+        spec = self.spec
+        spec.segment_dir.mkdir(parents=True, exist_ok=True)
+        mode = self._resolve_mode()
+        started = time.monotonic()
+        restarts = 0
+        while not self._stop_requested.is_set():
+            outcome = self._run_ffmpeg(mode, started)
+            if outcome == "stopped" or self._stop_requested.is_set():
+                return
+            if not self._media_seen and time.monotonic() - started >= spec.first_frame_timeout:
+                raise RecordingError(
+                    f"no media from the camera within {spec.first_frame_timeout:g} s: "
+                    + (" | ".join(self._stderr_tail) or outcome)
+                )
+            restarts += 1
+            if restarts > spec.max_restarts:
+                raise RecordingError(f"FFmpeg failed {restarts} times: " + " | ".join(self._stderr_tail))
+            if self._media_seen:
+                self.interruptions += 1
+                self._post(Interrupted(spec.task_id, self.interruptions, self._redact(outcome)))
+            delay = min(spec.restart_backoff_max, 0.5 * 2 ** min(restarts - 1, 6)) * random.uniform(0.8, 1.2)
+            log.warning("%s: FFmpeg %s; restarting in %.1f s", spec.task_id, self._redact(outcome), delay)
+            if self._wait_wake(delay):
+                return
+
+    def _wait_wake(self, seconds: float) -> bool:
+        """Sleep up to `seconds`, waking early on a stop request; True if a stop was requested."""
+        return self._stop_requested.wait(seconds)
+
+    def _next_segment_number(self) -> int:
+        numbers = [int(p.stem.split("_")[1]) for p in self.spec.segment_dir.glob(ffmpeg.SEGMENT_GLOB)]
+        return max(numbers) + 1 if numbers else 0
+
+    def _run_ffmpeg(self, mode: Literal["copy", "transcode"], task_started: float) -> str:
+        """One FFmpeg run. Returns 'stopped' after a requested stop, else why it ended."""
+        spec = self.spec
+        argv = ffmpeg.record_argv(
+            spec.ffmpeg, spec.url, spec.segment_dir, mode=mode, rtsp_transport=spec.rtsp_transport,
+            rtsp_timeout_s=spec.rtsp_timeout, segment_seconds=spec.segment_seconds,
+            start_number=self._next_segment_number(), preset=spec.preset,
+            analyzeduration_us=spec.analyzeduration_us, probesize=spec.probesize,
+            stats_period_s=spec.stats_period,
+        )  # fmt: skip
+        try:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                start_new_session=True, close_fds=True,
+            )  # fmt: skip
+        except OSError as exc:
+            raise RecordingError(f"cannot start FFmpeg: {exc.strerror}") from None
+        assert proc.stdout is not None and proc.stderr is not None and proc.stdin is not None
+        try:
+            return self._supervise(proc, task_started)
+        finally:
+            self._reap(proc)
+
+    def _supervise(self, proc: subprocess.Popen[bytes], task_started: float) -> str:
+        spec = self.spec
+        assert proc.stdout is not None and proc.stderr is not None
+        parser = ffmpeg.ProgressParser()
+        buffers: dict[int, bytes] = {proc.stdout.fileno(): b"", proc.stderr.fileno(): b""}
+        last_frames = -1
+        run_started = time.monotonic()
+        last_advance = run_started
+        stop_sent_at: float | None = None
+        killed = False
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
+            sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
+            sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+            open_pipes = 2
+            while open_pipes:
+                now = time.monotonic()
+                if self._stop_requested.is_set() and stop_sent_at is None:
+                    stop_sent_at = now
+                    self._send_quit(proc)
+                if stop_sent_at is not None:
+                    deadline = stop_sent_at + spec.stop_timeout
+                    if killed:
+                        deadline = now + 1.0  # the pipes close once the kill lands
+                    elif now >= deadline:
+                        log.warning("%s: FFmpeg ignored 'q' for %.0f s, killing", spec.task_id, spec.stop_timeout)
+                        self._kill(proc)
+                        killed = True
+                        continue
+                elif self._media_seen or last_frames > 0:
+                    deadline = last_advance + spec.stall_timeout
+                    if now >= deadline:
+                        self._kill(proc)
+                        return f"stalled: no new frames for {spec.stall_timeout:g} s"
+                else:
+                    deadline = task_started + spec.first_frame_timeout
+                    deadline = max(deadline, run_started + min(spec.first_frame_timeout, spec.stall_timeout))
+                    if now >= deadline:
+                        self._kill(proc)
+                        return "no media from the camera"
+                for key, _ in sel.select(timeout=max(0.05, deadline - now)):
+                    if key.data == "wake":
+                        with contextlib.suppress(OSError):
+                            os.read(self._wake_r, 64)
+                        continue
+                    fd = key.fd
+                    chunk = os.read(fd, 65536)
+                    if not chunk:
+                        sel.unregister(key.fileobj)
+                        open_pipes -= 1
+                        continue
+                    data = buffers[fd] + chunk
+                    *lines, buffers[fd] = data.split(b"\n")
+                    for raw in lines:
+                        line = raw.decode("utf-8", "replace")
+                        if key.data == "stderr":
+                            if line.strip():
+                                self._stderr_tail.append(self._redact(line.strip())[:300])
+                            continue
+                        block = parser.feed(line)
+                        if block is None:
+                            continue
+                        frames = ffmpeg.progress_frames(block)
+                        if frames > last_frames:
+                            last_frames = frames
+                            last_advance = time.monotonic()
+                        if frames > 0 and not self._media_seen:
+                            self._media_seen = True
+                            self._post(MediaStarted(spec.task_id))
+        try:
+            code = proc.wait(timeout=spec.stop_timeout)
+        except subprocess.TimeoutExpired:
+            self._kill(proc)
+            code = proc.wait(timeout=5)
+        if stop_sent_at is not None:
+            return "stopped"
+        return f"exited with code {code}"
+
+    def _send_quit(self, proc: subprocess.Popen[bytes]) -> None:
+        stdin: IO[bytes] | None = proc.stdin
+        try:
+            if stdin is not None:
+                stdin.write(b"q")
+                stdin.flush()
+                stdin.close()
+        except OSError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGINT)
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen[bytes]) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    def _reap(self, proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            self._kill(proc)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+
+    # -- finalising -----------------------------------------------------------------------------
+
+    def _finalise(self) -> None:
+        result = finalise_segments(self.spec)
+        self._post(result)
+
+
+def _segments(segment_dir: Path) -> list[Path]:
+    return sorted(
+        (p for p in segment_dir.glob(ffmpeg.SEGMENT_GLOB) if p.is_file()),
+        key=lambda p: int(p.stem.split("_")[1]),
+    )
+
+
+def _probe_file(ffprobe: str, path: Path, timeout: float) -> ffmpeg.FileInfo | None:
+    try:
+        out = subprocess.run(
+            ffmpeg.file_probe_argv(ffprobe, path), capture_output=True, text=True, timeout=timeout,
+            check=False, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return None
+    if out.returncode != 0:
+        return None
+    return ffmpeg.parse_file_probe(out.stdout)
+
+
+def _concat(spec: RecordingSpec, segments: list[Path], part: Path) -> str | None:
+    """Run the concat; None on success, else FFmpeg's error tail."""
+    list_file = spec.segment_dir / "concat.txt"
+    list_file.write_text(ffmpeg.concat_list(segments), encoding="utf-8")
+    try:
+        out = subprocess.run(
+            ffmpeg.concat_argv(spec.ffmpeg, list_file, part), capture_output=True, text=True,
+            timeout=max(60.0, 0.5 * len(segments)), check=False, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return "joining the segments timed out"
+    if out.returncode != 0 or not part.exists() or part.stat().st_size == 0:
+        return " | ".join(out.stderr.strip().splitlines()[-3:]) or f"exit code {out.returncode}"
+    return None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1024 * 1024):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def finalise_segments(spec: RecordingSpec) -> RecordingFinished | RecordingFailed:
+    """Join a task's segments into its final MP4. Idempotent: a finished output is reused."""
+    out = spec.output_file
+    if out.exists() and not spec.segment_dir.exists():
+        info = _probe_file(spec.ffprobe, out, spec.probe_timeout)
+        if info is not None:
+            return RecordingFinished(spec.task_id, out, out.stat().st_size, info.duration, sha256_file(out))
+    segments = [s for s in _segments(spec.segment_dir) if s.stat().st_size > 0] if spec.segment_dir.exists() else []
+    if not segments:
+        return RecordingFailed(spec.task_id, "no media was recorded (no segments on disk)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    part = out.with_name(out.name + ".part")
+    rejected: list[str] = []
+    error = _concat(spec, segments, part)
+    if error is not None:
+        # Slow path: find the unreadable segments, set them aside, join the rest.
+        good = []
+        for seg in segments:
+            if _probe_file(spec.ffprobe, seg, spec.probe_timeout) is None:
+                rejected.append(seg.name)
+            else:
+                good.append(seg)
+        if rejected:
+            aside = spec.segment_dir.parent / (spec.segment_dir.name + ".rejected")
+            aside.mkdir(exist_ok=True)
+            for name in rejected:
+                os.replace(spec.segment_dir / name, aside / name)
+            log.warning("%s: set aside unreadable segments %s in %s", spec.task_id, rejected, aside)
+        if not good:
+            return RecordingFailed(spec.task_id, f"no readable segments ({len(rejected)} set aside)")
+        error = _concat(spec, good, part)
+        if error is not None:
+            return RecordingFailed(spec.task_id, f"joining segments failed: {ffmpeg.redact(error, spec.secrets)}")
+    info = _probe_file(spec.ffprobe, part, spec.probe_timeout)
+    if info is None or info.duration <= 0:
+        return RecordingFailed(spec.task_id, "the joined MP4 has no readable video stream")
+    digest = sha256_file(part)
+    with part.open("rb") as f:
+        os.fsync(f.fileno())  # FFmpeg does not fsync: make the file durable before it replaces nothing
+    os.replace(part, out)
+    _fsync_dir(out.parent)
+    for seg in _segments(spec.segment_dir):
+        seg.unlink()
+    with contextlib.suppress(OSError):
+        (spec.segment_dir / "concat.txt").unlink()
+        spec.segment_dir.rmdir()
+    return RecordingFinished(
+        spec.task_id, out, out.stat().st_size, round(info.duration, 3), digest, tuple(rejected)
+    )
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,106 @@
+"""The task record: one recording run from `start` to `uploaded`/`completed`/`failed`.
+
+Its public face is `status_doc()`, the JSON published on the retained topics and in replies; field
+names match the HTTP service it replaces, and unknown fields are left out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+# Order matters: it is the order of keys in the published JSON.
+STATUS_FIELDS = (
+    "status", "camera_id", "task_name", "device_id", "start_time", "updated_at", "storage_type",
+    "local_file", "bucket", "object_name", "download_url", "stop_reason", "error", "local_file_deleted",
+    "duration_seconds", "size_bytes", "sha256", "max_seconds", "interruptions", "recovered",
+    "upload_attempts", "next_retry_at", "last_upload_error", "rejected_segments",
+)  # fmt: skip
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def iso(dt: datetime) -> str:
+    return dt.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_iso(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def stamp(dt: datetime) -> str:
+    """Compact UTC timestamp for file names and object keys: 20261128T145000Z."""
+    return dt.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+@dataclass
+class Task:
+    """Mutable state of one task; only the agent thread changes it."""
+
+    task_id: str
+    camera_id: str
+    task_name: str
+    device_id: str
+    started: datetime
+    storage_type: str
+    local_file: str
+    max_seconds: int
+    status: str = "starting"
+    updated: datetime = field(default_factory=utc_now)
+    bucket: str | None = None
+    object_name: str | None = None
+    download_url: str | None = None
+    stop_reason: str | None = None
+    error: str | None = None
+    local_file_deleted: bool | None = None
+    duration_seconds: float | None = None
+    size_bytes: int | None = None
+    sha256: str | None = None
+    interruptions: int | None = None
+    recovered: bool | None = None
+    upload_attempts: int | None = None
+    next_retry_at: str | None = None
+    last_upload_error: str | None = None
+    rejected_segments: list[str] | None = None
+    request_id: str | None = None
+
+    @property
+    def start_time(self) -> str:
+        return iso(self.started)
+
+    @property
+    def updated_at(self) -> str:
+        return iso(self.updated)
+
+    @property
+    def segment_dir(self) -> Path:
+        p = Path(self.local_file)
+        return p.with_name("." + p.stem + ".segments")
+
+    def status_doc(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {}
+        for name in STATUS_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                doc[name] = value
+        return doc
+
+    def to_record(self) -> dict[str, Any]:
+        """Everything needed to rebuild the task after a restart."""
+        rec = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        rec["started"] = iso(self.started)
+        rec["updated"] = iso(self.updated)
+        return rec
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> Task:
+        known = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in rec.items() if k in known}
+        data["started"] = parse_iso(rec["started"])
+        data["updated"] = parse_iso(rec["updated"])
+        return cls(**data)

@@ -1,0 +1,133 @@
+#!/usr/bin/python3
+"""RTSP camera simulator built on the GStreamer RTSP server.
+
+Run it with Debian's ``/usr/bin/python3`` (the GObject bindings are not in the project venv)::
+
+    /usr/bin/python3 tests/camsim.py --port 8554 --mounts cam1,cam2 --codec h264
+
+It binds 127.0.0.1 only, prints ``READY`` on stdout once the server is attached to the main loop
+and exits cleanly (status 0) on SIGTERM or SIGINT. Killing it with SIGKILL is a camera outage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+import gi
+
+gi.require_version("Gst", "1.0")
+gi.require_version("GstRtspServer", "1.0")
+from gi.repository import GLib, Gst, GstRtspServer  # noqa: E402
+
+ROLE = "camera-user"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="RTSP camera simulator (GStreamer RTSP server)")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--mounts", default="cam1", help="comma-separated mount names, e.g. cam1,cam2")
+    parser.add_argument("--width", type=int, default=1280)
+    parser.add_argument("--height", type=int, default=720)
+    parser.add_argument("--fps", type=int, default=25)
+    parser.add_argument("--pattern", default="ball", help="videotestsrc pattern")
+    parser.add_argument("--user", default=None, help="require RTSP basic auth with this user")
+    parser.add_argument("--password", default=None)
+    parser.add_argument(
+        "--shared",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one encoder per mount shared by every client (default on)",
+    )
+    parser.add_argument("--codec", choices=("h264", "mjpeg"), default="h264")
+    args = parser.parse_args(argv)
+    if (args.user is None) != (args.password is None):
+        parser.error("--user and --password go together")
+    if args.port <= 0 or args.width <= 0 or args.height <= 0 or args.fps <= 0:
+        parser.error("--port, --width, --height and --fps must be positive")
+    return args
+
+
+def launch_line(args: argparse.Namespace) -> str:
+    source = (
+        f"videotestsrc is-live=true pattern={args.pattern} "
+        f"! video/x-raw,width={args.width},height={args.height},framerate={args.fps}/1"
+    )
+    if args.codec == "h264":
+        encode = (
+            f"x264enc tune=zerolatency speed-preset=ultrafast key-int-max={2 * args.fps} "
+            "! rtph264pay name=pay0 pt=96 config-interval=1"
+        )
+    else:
+        encode = "videoconvert ! video/x-raw,format=I420 ! jpegenc ! rtpjpegpay name=pay0 pt=26"
+    return f"( {source} ! {encode} )"
+
+
+def make_auth(user: str, password: str) -> GstRtspServer.RTSPAuth:
+    auth = GstRtspServer.RTSPAuth()
+    token = GstRtspServer.RTSPToken()
+    token.set_string(GstRtspServer.RTSP_TOKEN_MEDIA_FACTORY_ROLE, ROLE)
+    auth.add_basic(GstRtspServer.RTSPAuth.make_basic(user, password), token)
+    return auth
+
+
+def make_permissions() -> GstRtspServer.RTSPPermissions:
+    permissions = GstRtspServer.RTSPPermissions()
+    permissions.add_permission_for_role(ROLE, GstRtspServer.RTSP_PERM_MEDIA_FACTORY_ACCESS, True)
+    permissions.add_permission_for_role(ROLE, GstRtspServer.RTSP_PERM_MEDIA_FACTORY_CONSTRUCT, True)
+    return permissions
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    Gst.init(None)
+
+    server = GstRtspServer.RTSPServer()
+    server.set_address("127.0.0.1")
+    server.set_service(str(args.port))
+    if args.user is not None:
+        server.set_auth(make_auth(args.user, args.password))
+
+    mount_points = server.get_mount_points()
+    line = launch_line(args)
+    for mount in (m.strip() for m in args.mounts.split(",")):
+        if not mount:
+            continue
+        factory = GstRtspServer.RTSPMediaFactory()
+        factory.set_launch(line)
+        factory.set_shared(args.shared)
+        if args.user is not None:
+            factory.set_permissions(make_permissions())
+        mount_points.add_factory(f"/{mount}", factory)
+
+    loop = GLib.MainLoop()
+
+    def on_signal() -> bool:
+        loop.quit()
+        return False  # GLib.SOURCE_REMOVE
+
+    GLib.unix_signal_add(GLib.PRIORITY_DEFAULT, signal.SIGTERM, on_signal)
+    GLib.unix_signal_add(GLib.PRIORITY_DEFAULT, signal.SIGINT, on_signal)
+
+    # Drop sessions of clients that vanished without TEARDOWN (e.g. a killed FFmpeg).
+    pool = server.get_session_pool()
+
+    def cleanup_sessions() -> bool:
+        pool.cleanup()
+        return True  # GLib.SOURCE_CONTINUE
+
+    GLib.timeout_add_seconds(2, cleanup_sessions)
+
+    if server.attach(None) == 0:
+        print(f"ERROR: cannot bind 127.0.0.1:{args.port}", file=sys.stderr, flush=True)
+        return 1
+    print(f"camsim: {args.codec} {args.width}x{args.height}@{args.fps} on port {args.port}", flush=True)
+    print("READY", flush=True)
+    loop.run()
+    print("camsim: stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
