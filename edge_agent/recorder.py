@@ -136,6 +136,8 @@ class Recorder(threading.Thread):
         try:
             if not self._finalise_only:
                 self._record()
+                if not self._media_seen:
+                    raise RecordingError("stopped before the camera delivered any media")
             self._finalise()
         except RecordingError as exc:
             self._post(RecordingFailed(self.spec.task_id, self._redact(str(exc))))

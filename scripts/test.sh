@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The one test command (README, CI): installs everything a bare Debian 12 needs, then runs
+# lint (ruff), types (mypy --strict) and the whole pytest suite against real parts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install-deps.sh
+.venv/bin/ruff check edge_agent tests bench
+.venv/bin/mypy
+.venv/bin/pytest -q "$@"
