@@ -44,7 +44,14 @@ show_logs() {
   done
 }
 
-alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
+# True while pid $1 runs (a zombie, e.g. an orphan its new parent has not reaped yet, counts as gone).
+alive() {
+  local st
+  [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null || return 1
+  st=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  st=${st##*) }
+  [ "${st%% *}" != Z ]
+}
 
 # Direct children of a pid, from /proc (no procps needed).
 children_of() {
@@ -120,8 +127,8 @@ cleanup() {
   exit "$rc"
 }
 trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+trap 'echo "demo interrupted (SIGINT)" >&2; exit 130' INT
+trap 'echo "demo interrupted (SIGTERM)" >&2; exit 143' TERM
 
 # ------------------------------------------------------------------------------------------ install
 if [ "${DEMO_SKIP_INSTALL:-0}" != 1 ]; then
@@ -193,6 +200,7 @@ say "Starting Mosquitto on 127.0.0.1:$MQTT_PORT"
   echo "persistence true"
   echo "persistence_location $RUN/mosquitto-data/"
   echo "autosave_interval 5"
+  echo "connection_messages false"  # the demo polls retained topics with short-lived clients
   echo "log_dest stderr"
   echo "log_type error"; echo "log_type warning"; echo "log_type notice"; echo "log_type information"
   [ "$(id -u)" -ne 0 ] || echo "user root"  # else it drops to 'mosquitto', which cannot write demo-run/

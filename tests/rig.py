@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import time
-import uuid
 import urllib.request
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,7 +106,7 @@ def minio_storage(s3: Any, bucket: str, **extra: Any) -> dict[str, Any]:
 
 
 def download(url: str, dest: Path, timeout: float = 30) -> Path:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - http URL from the test's own S3
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
         dest.write_bytes(resp.read())
     return dest
 

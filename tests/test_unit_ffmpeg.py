@@ -134,9 +134,7 @@ def test_redact_leaves_plain_urls() -> None:
 
 
 def probe_json(codec: str, pix_fmt: str, width: int, height: int, duration: str | None = None) -> str:
-    doc: dict[str, object] = {
-        "streams": [{"codec_name": codec, "pix_fmt": pix_fmt, "width": width, "height": height}]
-    }
+    doc: dict[str, object] = {"streams": [{"codec_name": codec, "pix_fmt": pix_fmt, "width": width, "height": height}]}
     if duration is not None:
         doc["format"] = {"duration": duration}
     return json.dumps(doc)
