@@ -246,5 +246,9 @@ def load_config(path: Path, env: dict[str, str] | None = None) -> AgentConfig:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        # Only the problem and its position: PyYAML's full text quotes the line, which may hold a secret.
+        problem = getattr(exc, "problem", None) or "syntax error"
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path} is not valid YAML: {problem}{where}") from None
     return parse_config(raw, env)

@@ -34,8 +34,9 @@ def parse_iso(text: str) -> datetime:
 
 
 def stamp(dt: datetime) -> str:
-    """Compact UTC timestamp for file names and object keys: 20261128T145000Z."""
-    return dt.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+    """Compact UTC timestamp, to the millisecond, for file names and object keys: 20261128T145000123Z."""
+    utc = dt.astimezone(UTC)
+    return utc.strftime("%Y%m%dT%H%M%S") + f"{utc.microsecond // 1000:03d}Z"
 
 
 @dataclass

@@ -268,6 +268,8 @@ class UploadPool:
 
         def attempt() -> None:
             nonlocal attempts
+            if self._stop.is_set():  # woken from backoff by shutdown: no new attempt
+                raise TransientUploadError("shutting down")
             attempts += 1
             self._post(UploadAttempt(job.task_id, attempts))
             try:
@@ -286,7 +288,7 @@ class UploadPool:
         retrying = Retrying(
             retry=retry_if_exception_type(TransientUploadError),
             wait=wait_exponential_jitter(
-                initial=self._cfg.retry_initial_seconds, max=self._cfg.retry_max_seconds,
+                multiplier=self._cfg.retry_initial_seconds, max=self._cfg.retry_max_seconds,
                 jitter=self._cfg.retry_initial_seconds,
             ),
             stop=stop_when_event_set(self._stop),

@@ -21,7 +21,7 @@ from edge_agent.config import AgentConfig, parse_config
 from edge_agent.journal import Journal
 from edge_agent.mqtt import CommandReceived
 from edge_agent.recorder import MediaStarted, RecorderEvent, RecordingFailed, RecordingFinished, RecordingSpec
-from edge_agent.tasks import parse_iso
+from edge_agent.tasks import parse_iso, stamp
 from edge_agent.uploads import UploadAttempt, UploadFailed, UploadFinished, UploadRetrying
 
 CAM_PASSWORD = "camPw-zq7-secret"
@@ -401,9 +401,9 @@ def test_minio_upload_flow(build: Callable[..., Harness]) -> None:
     assert job["path"] == path
     assert job["size"] == 2048
     assert job["sha256"] == "ab" * 32
-    assert re.fullmatch(r"edge-01/cam1/\d{4}/\d{2}/\d{2}/夜间巡检_\d{8}T\d{6}Z\.mp4", job["object_name"])
+    assert re.fullmatch(r"edge-01/cam1/\d{4}/\d{2}/\d{2}/夜间巡检_\d{8}T\d{9}Z\.mp4", job["object_name"])
     assert job["object_name"].startswith(f"edge-01/cam1/{started:%Y/%m/%d}/")
-    assert job["object_name"].endswith(f"_{started:%Y%m%dT%H%M%SZ}.mp4")
+    assert job["object_name"].endswith(f"_{stamp(started)}.mp4")
     assert doc["object_name"] == job["object_name"]
     assert doc["bucket"] == "recordings"
     assert h.pub.retained(f"{P_D}/uploads")["queue_length"] == 1  # type: ignore[index]
