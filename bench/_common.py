@@ -89,6 +89,26 @@ def proc_stat(pid: int) -> tuple[int, int, int, int, int, int] | None:
     return (int(fields[11]), int(fields[12]), int(fields[13]), int(fields[14]), int(fields[1]), int(fields[2]))
 
 
+def cpu_ns(pid: int) -> int | None:
+    """On-CPU nanoseconds of every live thread of ``pid`` (sum of /proc/PID/task/*/schedstat).
+
+    /proc/PID/stat's utime+stime come in clock ticks (10 ms): a copy-mode FFmpeg uses only a few
+    ticks in a 15 s window, so ratios from ticks alone are quantised; schedstat is nanoseconds.
+    Threads that exited are not included (their time is in stat's utime/stime only).
+    """
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    total = 0
+    for tid in tids:
+        try:
+            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
 def children_of(pid: int) -> list[int]:
     """Live direct children of ``pid`` (by ppid), found by scanning /proc."""
     out = []
@@ -134,15 +154,19 @@ class TreeCpu:
     def snapshot(self) -> dict[str, Any]:
         st = proc_stat(self.root)
         kids = {}
+        kids_ns = {}
         for pid in descendants_of(self.root):
             k = proc_stat(pid)
             if k is not None:
                 kids[pid] = k[0] + k[1]
+                kids_ns[pid] = cpu_ns(pid) or 0
         return {
             "t": time.monotonic(),
             "own": (st[0] + st[1]) if st else 0,
+            "own_ns": cpu_ns(self.root) or 0,
             "reaped": (st[2] + st[3]) if st else 0,
             "kids": kids,
+            "kids_ns": kids_ns,
         }
 
     @staticmethod
@@ -156,11 +180,17 @@ class TreeCpu:
         gone_before = sum(t for pid, t in a["kids"].items() if pid not in b["kids"])
         reaped = b["reaped"] - a["reaped"] - gone_before
         seconds = b["t"] - a["t"]
+        own_ns = b["own_ns"] - a["own_ns"]
+        kids_ns = sum(t - a["kids_ns"].get(pid, 0) for pid, t in b["kids_ns"].items())
+        reaped_ns = max(0, reaped) / CLK_TCK * 1e9  # reaped children: ticks are all there is
         return {
             "wall_s": seconds,
             "own_cpu_s": own / CLK_TCK,
             "children_cpu_s": (kids + max(0, reaped)) / CLK_TCK,
             "cpu_s": (own + kids + max(0, reaped)) / CLK_TCK,
+            "ns_own_cpu_s": own_ns / 1e9,
+            "ns_children_cpu_s": (kids_ns + reaped_ns) / 1e9,
+            "ns_cpu_s": (own_ns + kids_ns + reaped_ns) / 1e9,
         }
 
 
@@ -170,6 +200,15 @@ def pids_cpu_ticks(pids: Iterable[int]) -> dict[int, int]:
         st = proc_stat(pid)
         if st is not None:
             out[pid] = st[0] + st[1]
+    return out
+
+
+def pids_cpu_ns(pids: Iterable[int]) -> dict[int, int]:
+    out = {}
+    for pid in pids:
+        ns = cpu_ns(pid)
+        if ns is not None:
+            out[pid] = ns
     return out
 
 

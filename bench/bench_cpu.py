@@ -30,7 +30,7 @@ import uuid
 from pathlib import Path
 from typing import IO, Any
 
-from _common import TreeCpu, fmt, log, md_table, pids_cpu_ticks, summary, workdir, write_results, CLK_TCK
+from _common import CLK_TCK, TreeCpu, fmt, log, md_table, pids_cpu_ns, pids_cpu_ticks, summary, workdir, write_results
 from parts import AgentProcess, CameraSim, Mosquitto, MqttProbe, write_config
 
 from edge_agent.ffmpeg import record_argv
@@ -118,14 +118,14 @@ class AgentRig:
     def wait_recording(self, name: str) -> None:
         for c in self.cams:
             self.probe.wait_for(self.topic(c, "status"),
-                                lambda p: p["task_name"] == name and p["status"] == "recording", timeout=60)  # noqa: B023
+                                lambda p: p["task_name"] == name and p["status"] == "recording", timeout=60)
 
     def stop_all(self, name: str) -> None:
         for c in self.cams:
             self.probe.publish(self.topic(c, "cmd"), {"action": "stop", "task_name": name, "request_id": f"{name}e"})
         for c in self.cams:
             doc = self.probe.wait_for(self.topic(c, "status"),
-                                      lambda p: p["task_name"] == name and p["status"] in ("completed", "failed"),  # noqa: B023
+                                      lambda p: p["task_name"] == name and p["status"] in ("completed", "failed"),
                                       timeout=120)  # fmt: skip
             if doc["status"] != "completed":
                 raise RuntimeError(f"agent task failed: {doc}")
@@ -145,70 +145,78 @@ def bare_copy_argvs(urls: list[str], segroot: Path, tag: str) -> list[list[str]]
 
 
 def measure_round(rig: AgentRig, urls: list[str], base: Path, rnd: int, window: float, warmup: float,
-                  camsim_pid: int | None) -> dict[str, Any]:  # fmt: skip
+                  camsim_pid: int | None, with_old: bool) -> dict[str, Any]:  # fmt: skip
+    """One window with (a) N bare copy FFmpegs, (b) the agent on N cameras and, if asked, (c) beside them."""
     n = len(urls)
     bare_first = rnd % 2 == 0
+    old: BareGroup | None = None
+    if with_old:
+        (base / "old").mkdir(parents=True, exist_ok=True)
+        old = BareGroup([old_service_argv(urls[0], base / "old" / f"r{rnd}.mp4")], base / "old-logs")
     bare: BareGroup | None = None
     name = ""
-    if bare_first:
-        bare = BareGroup(bare_copy_argvs(urls, base / "segments", f"r{rnd}"), base / "bare-logs")
-        name = rig.start_all()
-    else:
-        name = rig.start_all()
-        bare = BareGroup(bare_copy_argvs(urls, base / "segments", f"r{rnd}"), base / "bare-logs")
     try:
+        if bare_first:
+            bare = BareGroup(bare_copy_argvs(urls, base / "segments", f"r{rnd}"), base / "bare-logs")
+            name = rig.start_all()
+        else:
+            name = rig.start_all()
+            bare = BareGroup(bare_copy_argvs(urls, base / "segments", f"r{rnd}"), base / "bare-logs")
         rig.wait_recording(name)
         time.sleep(warmup)
         bare.check_alive()
         tree = TreeCpu(rig.agent.pid)
-        a0, b0 = pids_cpu_ticks(bare.pids), tree.snapshot()
-        s0 = pids_cpu_ticks([camsim_pid]) if camsim_pid else {}
+        old_pids = old.pids if old else []
+        b0 = tree.snapshot()
+        a0, a0ns = pids_cpu_ticks(bare.pids), pids_cpu_ns(bare.pids)
+        c0, c0ns = pids_cpu_ticks(old_pids), pids_cpu_ns(old_pids)
+        s0 = pids_cpu_ns([camsim_pid]) if camsim_pid else {}
         t0 = time.monotonic()
         time.sleep(window)
-        a1, b1 = pids_cpu_ticks(bare.pids), tree.snapshot()
-        s1 = pids_cpu_ticks([camsim_pid]) if camsim_pid else {}
+        b1 = tree.snapshot()
+        a1, a1ns = pids_cpu_ticks(bare.pids), pids_cpu_ns(bare.pids)
+        c1, c1ns = pids_cpu_ticks(old_pids), pids_cpu_ns(old_pids)
+        s1 = pids_cpu_ns([camsim_pid]) if camsim_pid else {}
         wall = time.monotonic() - t0
         bare.check_alive()
+        if old:
+            old.check_alive()
         agent_children = len(b1["kids"])
     finally:
-        bare.stop()
-        rig.stop_all(name)
+        if bare is not None:
+            bare.stop()
+        if old is not None:
+            old.stop()
+        if name:
+            rig.stop_all(name)
     a_cpu = sum(a1[p] - a0.get(p, 0) for p in a1) / CLK_TCK
+    a_ns = sum(a1ns[p] - a0ns.get(p, 0) for p in a1ns) / 1e9
     b = TreeCpu.between(b0, b1)
-    cam_cpu = sum(s1[p] - s0.get(p, 0) for p in s1) / CLK_TCK if s1 else None
+    cam_cpu = sum(s1[p] - s0.get(p, 0) for p in s1) / 1e9 if s1 else None
     per_min = 60.0 / wall / n
-    return {
+    out = {
         "n": n, "round": rnd, "first": "bare" if bare_first else "agent", "wall_s": wall,
+        "agent_children": agent_children,
+        # /proc/PID/stat utime+stime (clock ticks)
         "bare_cpu_s": a_cpu, "agent_cpu_s": b["cpu_s"], "agent_own_cpu_s": b["own_cpu_s"],
-        "agent_children_cpu_s": b["children_cpu_s"], "agent_children": agent_children,
+        "agent_children_cpu_s": b["children_cpu_s"],
         "bare_per_cam_min": a_cpu * per_min, "agent_per_cam_min": b["cpu_s"] * per_min,
-        "agent_own_per_cam_min": b["own_cpu_s"] * per_min, "agent_ffmpeg_per_cam_min": b["children_cpu_s"] * per_min,
+        "agent_own_per_cam_min": b["own_cpu_s"] * per_min,
         "ratio": b["cpu_s"] / a_cpu if a_cpu else float("nan"),
+        # schedstat (nanoseconds)
+        "ns_bare_per_cam_min": a_ns * per_min, "ns_agent_per_cam_min": b["ns_cpu_s"] * per_min,
+        "ns_agent_own_per_cam_min": b["ns_own_cpu_s"] * per_min,
+        "ns_agent_ffmpeg_per_cam_min": b["ns_children_cpu_s"] * per_min,
+        "ns_ratio": b["ns_cpu_s"] / a_ns if a_ns else float("nan"),
         "camsim_cores": cam_cpu / wall if cam_cpu is not None else None,
     }  # fmt: skip
-
-
-def measure_old_service(url: str, base: Path, window: float, warmup: float) -> dict[str, Any]:
-    out = base / "old"
-    out.mkdir(parents=True, exist_ok=True)
-    group = BareGroup([record_argv("ffmpeg", url, out, mode="copy"), old_service_argv(url, out / "old.mp4")],
-                      base / "old-logs")  # fmt: skip
-    try:
-        time.sleep(warmup + 1.0)
-        group.check_alive()
-        t0 = time.monotonic()
-        c0 = pids_cpu_ticks(group.pids)
-        time.sleep(window)
-        c1 = pids_cpu_ticks(group.pids)
-        wall = time.monotonic() - t0
-        group.check_alive()
-    finally:
-        group.stop()
-    a_pid, c_pid = group.pids
-    a = (c1[a_pid] - c0[a_pid]) / CLK_TCK
-    c = (c1[c_pid] - c0[c_pid]) / CLK_TCK
-    return {"wall_s": wall, "copy_cpu_s": a, "old_cpu_s": c, "copy_per_min": a * 60 / wall,
-            "old_per_min": c * 60 / wall, "factor": c / a if a else float("nan")}  # fmt: skip
+    if old is not None:
+        c_cpu = sum(c1[p] - c0.get(p, 0) for p in c1) / CLK_TCK
+        c_ns = sum(c1ns[p] - c0ns.get(p, 0) for p in c1ns) / 1e9
+        out.update(old_per_min=c_cpu * 60 / wall, ns_old_per_min=c_ns * 60 / wall,
+                   old_factor=c_cpu / (a_cpu / n) if a_cpu else float("nan"),
+                   ns_old_factor=c_ns / (a_ns / n) if a_ns else float("nan"))  # fmt: skip
+    return out
 
 
 def py_spy_profile(rig: AgentRig, seconds: float, out_dir: Path) -> dict[str, Any]:
@@ -272,7 +280,6 @@ def main() -> None:
 
     base = workdir("cpu")
     rounds: list[dict[str, Any]] = []
-    old: dict[str, Any] | None = None
     spy: dict[str, Any] | None = None
     t_start = time.monotonic()
     try:
@@ -285,49 +292,65 @@ def main() -> None:
                     rig = AgentRig(nb, broker, cam, urls)
                     try:
                         for r in range(args.rounds):
-                            res = measure_round(rig, urls, nb, r, window, warmup, cam.pid)
+                            with_old = n == 1 and not args.no_old
+                            res = measure_round(rig, urls, nb, r, window, warmup, cam.pid, with_old)
                             rounds.append(res)
-                            log(f"N={n} round {r} ({res['first']} first): bare {res['bare_per_cam_min']:.2f}, "
-                                f"agent {res['agent_per_cam_min']:.2f} CPU-s/cam/min, ratio {res['ratio']:.2f}")  # fmt: skip
+                            log(f"N={n} round {r} ({res['first']} first): CPU-s/cam/min bare "
+                                f"{res['ns_bare_per_cam_min']:.3f}, agent {res['ns_agent_per_cam_min']:.3f} "
+                                f"(ratio {res['ns_ratio']:.2f}; ticks {res['ratio']:.2f})"
+                                + (f"; old {res['ns_old_per_min']:.2f}" if with_old else ""))  # fmt: skip
+                            shutil.rmtree(nb / "segments", ignore_errors=True)
                         if args.pyspy and n == max(ns):
                             spy = py_spy_profile(rig, args.pyspy, nb)
                     finally:
                         rig.close()
-                    if n == 1 and not args.no_old:
-                        old = measure_old_service(urls[0], nb, window, warmup)
-                        log(f"old service: {old['old_per_min']:.1f} CPU-s/min vs copy {old['copy_per_min']:.2f}")
-                shutil.rmtree(nb / "segments", ignore_errors=True)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
-    print(f"\n### CPU per camera ({width}x{height} 25 fps, window {window:g} s, {args.rounds} rounds, "
-          f"a and b side by side, start order alternating)\n")  # fmt: skip
+    print(f"\n### CPU per camera ({width}x{height} 25 fps, copy mode, window {window:g} s, {args.rounds} rounds; "
+          f"a, b (and c at N=1) side by side in each window, a/b start order alternating)\n")  # fmt: skip
     rows = []
     per_n: dict[int, Any] = {}
     for n in ns:
         rs = [r for r in rounds if r["n"] == n]
-        a = summary([r["bare_per_cam_min"] for r in rs])
-        b = summary([r["agent_per_cam_min"] for r in rs])
-        own = summary([r["agent_own_per_cam_min"] for r in rs])
-        ratio = summary([r["ratio"] for r in rs])
+        a = summary([r["ns_bare_per_cam_min"] for r in rs])
+        b = summary([r["ns_agent_per_cam_min"] for r in rs])
+        own = summary([r["ns_agent_own_per_cam_min"] for r in rs])
+        ratio = summary([r["ns_ratio"] for r in rs])
+        ta = summary([r["bare_per_cam_min"] for r in rs])
+        tb = summary([r["agent_per_cam_min"] for r in rs])
+        tratio = summary([r["ratio"] for r in rs])
         cams = summary([r["camsim_cores"] for r in rs if r["camsim_cores"] is not None])
-        per_n[n] = {"bare": a, "agent": b, "agent_python": own, "ratio": ratio, "camsim_cores": cams}
+        per_n[n] = {"bare": a, "agent": b, "agent_python": own, "ratio": ratio, "ticks_bare": ta,
+                    "ticks_agent": tb, "ticks_ratio": tratio, "camsim_cores": cams}  # fmt: skip
         goal = "PASS" if ratio["median"] <= 1.10 else "FAIL"
         rows.append([
             n, f"{fmt(a['median'])} ({fmt(a['min'])}-{fmt(a['max'])})",
             f"{fmt(b['median'])} ({fmt(b['min'])}-{fmt(b['max'])})", fmt(own["median"]),
             f"**{ratio['median']:.2f}** ({ratio['min']:.2f}-{ratio['max']:.2f}) {goal}",
-            f"{b['median'] / a['median']:.2f}", fmt(cams.get("median")),
+            f"{fmt(ta['median'])} / {fmt(tb['median'])} = {tratio['median']:.2f} "
+            f"({tratio['min']:.2f}-{tratio['max']:.2f})",
+            fmt(cams.get("median")),
         ])  # fmt: skip
     print(md_table(
         ["N", "(a) bare CPU-s/cam/min median (min-max)", "(b) agent+ffmpeg CPU-s/cam/min", "of which agent python",
-         "ratio b/a per round: median (min-max), goal <= 1.10", "ratio of medians", "camsim cores"], rows,
+         "ratio b/a per round: median (min-max), goal <= 1.10",
+         "stat utime+stime (10 ms ticks): a / b = ratio (min-max)", "camsim cores"], rows,
     ))  # fmt: skip
-    if old is not None:
-        print("\n### (c) old service, always re-encode (libx264 veryfast), N=1, same window as one bare copy\n")
+    print("\nCPU from /proc/PID/task/*/schedstat (ns); the stat-tick column is the same windows in 10 ms ticks.")
+    olds = [r for r in rounds if "ns_old_per_min" in r]
+    old: dict[str, Any] | None = None
+    if olds:
+        old = {"old_per_min": summary([r["ns_old_per_min"] for r in olds]),
+               "copy_per_min": summary([r["ns_bare_per_cam_min"] for r in olds]),
+               "factor": summary([r["ns_old_factor"] for r in olds]),
+               "ticks_factor": summary([r["old_factor"] for r in olds])}  # fmt: skip
+        print("\n### (c) old service's always-re-encode command (libx264 veryfast + scale + faststart), N=1\n")
         print(md_table(
-            ["(a) copy CPU-s/min", "(c) old CPU-s/min", "factor c/a"],
-            [[fmt(old["copy_per_min"]), fmt(old["old_per_min"]), f"**{old['factor']:.0f}x**"]],
+            ["(a) bare copy CPU-s/min", "(c) old CPU-s/min", "factor c/a median (min-max)", "factor from ticks"],
+            [[fmt(old["copy_per_min"]["median"]), fmt(old["old_per_min"]["median"]),
+              f"**{old['factor']['median']:.0f}x** ({old['factor']['min']:.0f}-{old['factor']['max']:.0f})",
+              f"{old['ticks_factor']['median']:.0f}x"]],
         ))  # fmt: skip
     if spy is not None:
         print(f"\n### py-spy of the agent recording N={max(ns)} cameras\n")
@@ -345,7 +368,7 @@ def main() -> None:
     path = write_results("bench_cpu", {
         "resolution": f"{width}x{height}", "window_s": window, "warmup_s": warmup, "ns": ns,
         "single_mount": args.single_mount, "rounds": rounds, "per_n": per_n, "old_service": old,
-        "goal_ratio": 1.10, "py_spy": spy, "median_ratio_all": statistics.median([r["ratio"] for r in rounds]),
+        "goal_ratio": 1.10, "py_spy": spy, "median_ratio_all": statistics.median([r["ns_ratio"] for r in rounds]),
         "elapsed_s": elapsed,
     }, args.quick)  # fmt: skip
     print(f"JSON: {path}")

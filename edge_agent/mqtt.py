@@ -75,6 +75,7 @@ class MqttLink:
         self._post = post
         self._v5 = cfg.protocol == "5"
         self._connected = threading.Event()
+        self._closing = False
         protocol = paho.MQTTv5 if self._v5 else paho.MQTTv311
         kwargs: dict[str, Any] = {}
         if not self._v5:
@@ -125,6 +126,7 @@ class MqttLink:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Publish `offline`, flush, disconnect, and stop the network thread (bounded)."""
+        self._closing = True
         if self._connected.is_set():
             info = self._client.publish(self._topics.availability, b"offline", qos=1, retain=True)
             try:
@@ -174,7 +176,9 @@ class MqttLink:
     ) -> None:  # fmt: skip
         was = self._connected.is_set()
         self._connected.clear()
-        if was:
+        if was and self._closing:
+            log.info("disconnected from the broker (shutdown)")
+        elif was:
             log.warning("disconnected from the broker: %s", reason_code)
             self._jitter_reconnect()
             self._post(Disconnected(str(reason_code)))
