@@ -327,7 +327,7 @@ def main() -> None:
         rows.append([
             n, f"{fmt(a['median'])} ({fmt(a['min'])}-{fmt(a['max'])})",
             f"{fmt(b['median'])} ({fmt(b['min'])}-{fmt(b['max'])})", fmt(own["median"]),
-            f"**{ratio['median']:.2f}** ({ratio['min']:.2f}-{ratio['max']:.2f}) {goal}",
+            f"**{ratio['median']:.3f}** ({ratio['min']:.2f}-{ratio['max']:.2f}) {goal}",
             f"{fmt(ta['median'])} / {fmt(tb['median'])} = {tratio['median']:.2f} "
             f"({tratio['min']:.2f}-{tratio['max']:.2f})",
             fmt(cams.get("median")),
@@ -363,7 +363,7 @@ def main() -> None:
                            [[f"`{f}`", c, f"{100 * c / total:.1f}%"] for f, c in spy["top_self"][:10]]))  # fmt: skip
     elapsed = time.monotonic() - t_start
     print(f"\n(elapsed {elapsed:.0f} s; per-round ratios: "
-          + "; ".join(f"N={n}: " + ", ".join(f"{r['ratio']:.2f}" for r in rounds if r["n"] == n) for n in ns)
+          + "; ".join(f"N={n}: " + ", ".join(f"{r['ns_ratio']:.3f}" for r in rounds if r["n"] == n) for n in ns)
           + ")")  # fmt: skip
     path = write_results("bench_cpu", {
         "resolution": f"{width}x{height}", "window_s": window, "warmup_s": warmup, "ns": ns,

@@ -134,7 +134,12 @@ class Recorder(threading.Thread):
 
     def run(self) -> None:
         try:
-            if not self._finalise_only:
+            if self._finalise_only:
+                orphans = kill_orphans(self.spec.segment_dir)
+                if orphans:
+                    log.warning("%s: killed orphaned FFmpeg %s still recording", self.spec.task_id, orphans)
+                    time.sleep(0.5)  # let the kernel close its files before the segments are read
+            else:
                 self._record()
                 if not self._media_seen:
                     raise RecordingError("stopped before the camera delivered any media")
@@ -342,6 +347,28 @@ class Recorder(threading.Thread):
     def _finalise(self) -> None:
         result = finalise_segments(self.spec)
         self._post(result)
+
+
+def kill_orphans(segment_dir: Path) -> list[int]:
+    """SIGKILL FFmpeg processes left writing into `segment_dir` by an agent that died (Linux /proc).
+
+    FFmpeg ignores SIGPIPE and EOF on stdin, so an orphan would record forever while recovery joins
+    its segments. Matching on the segment path in argv is safe against PID reuse.
+    """
+    needle = str(segment_dir / ffmpeg.SEGMENT_PATTERN).encode()
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if needle in argv:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+    return killed
 
 
 def _segments(segment_dir: Path) -> list[Path]:

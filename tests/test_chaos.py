@@ -21,6 +21,7 @@ import random
 import signal
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -115,17 +116,31 @@ class Round:
     phase: str
     restore_after: float
     notes: list[str] = field(default_factory=list)
-    recording_at: float | None = None
-    stop_at: float | None = None
+    recording_at: float | None = None  # epoch: updated_at of the task's first `recording` status
+    stop_at: float | None = None  # epoch: when a stop command that took effect was sent
+    fault_at: float | None = None  # epoch: when the fault was injected
+    stop_replied: bool = False
     final: dict[str, Any] | None = None
     elapsed: float = 0.0
     mp4_duration: float | None = None
 
     @property
+    def recording_ended_at(self) -> float | None:
+        """When recording should have ended: our stop, else the crash (the task was recovered without it)."""
+        if self.stop_at is not None:
+            return self.stop_at
+        if self.fault.startswith("agent") and self.final is not None and self.final.get("recovered"):
+            return self.fault_at
+        return None
+
+    @property
     def loss(self) -> float | None:
-        if self.recording_at is None or self.stop_at is None or self.mp4_duration is None:
+        """Wall time from `recording` to the stop minus the MP4's duration (a failed task kept 0 s)."""
+        end = self.recording_ended_at
+        if self.recording_at is None or end is None or self.final is None:
             return None
-        return (self.stop_at - self.recording_at) - self.mp4_duration
+        kept = self.mp4_duration if self.final["status"] == "uploaded" else 0.0
+        return None if kept is None else (end - self.recording_at) - kept
 
 
 class Chaos:
@@ -155,17 +170,18 @@ class Chaos:
                     continue
                 doc = msg.json()
                 if doc.get("task_name") == r.task and doc.get("status") in wanted:
-                    if doc["status"] == "recording" and r.recording_at is None:
-                        r.recording_at = msg.received_at
+                    self.note_recording(r)
                     return dict(doc)
             if time.monotonic() >= deadline:
                 return None
             time.sleep(0.1)
 
     def note_recording(self, r: Round) -> None:
-        for msg in self.watch.raw(self.rig.task_topic(r.cam, r.task)):
-            if msg.payload and msg.json().get("status") == "recording":
-                r.recording_at = msg.received_at if r.recording_at is None else r.recording_at
+        if r.recording_at is not None:
+            return
+        for doc in self.history(r):
+            if doc.get("status") == "recording":  # the agent's clock, not when the probe got it
+                r.recording_at = datetime.fromisoformat(doc["updated_at"].replace("Z", "+00:00")).timestamp()
                 return
 
     def request(self, cam: str, payload: dict[str, Any], timeout: float = 10) -> dict[str, Any] | None:
@@ -175,12 +191,15 @@ class Chaos:
             return None
 
     def send_stop(self, r: Round) -> dict[str, Any] | None:
-        sent = time.monotonic()
+        sent = time.time()
         reply = self.request(r.cam, {"action": "stop", "task_name": r.task})
-        if reply is not None and r.stop_at is None and reply.get("status") != "not_running":
-            r.stop_at = sent
-        if reply is not None:
-            r.notes.append(f"stop->{reply.get('status')}")
+        if reply is None:
+            r.notes.append("stop->no reply")
+            return None
+        r.stop_replied = True
+        r.notes.append(f"stop->{reply.get('status')}")
+        if r.stop_at is None and reply.get("status") in ACTIVE | {"stopping"}:
+            r.stop_at = sent  # this stop ended the recording (else it had ended already)
         return reply
 
     # -- faults
@@ -250,6 +269,7 @@ class Chaos:
             stop_sent = True
             if r.phase == "uploading" and self.wait_status(r, {"uploading"} | TERMINAL, 30) is None:
                 r.notes.append("never uploading before fault")
+        r.fault_at = time.time()
         self.inject(r, rng)
 
         if not stop_sent:
@@ -261,10 +281,11 @@ class Chaos:
         last_stop = -math.inf
         while time.monotonic() < deadline:
             latest = self.latest(r)
-            if latest is not None and latest["status"] in TERMINAL:
+            if latest is not None and latest["status"] in TERMINAL and r.stop_replied:
                 break
-            pending = r.stop_at is None or (latest is not None and latest["status"] in ACTIVE)
-            if pending and time.monotonic() - last_stop >= RESTOP_EVERY_S:
+            # Every task gets a stop that is answered; one still active after it gets another.
+            pending = not r.stop_replied or (latest is not None and latest["status"] in ACTIVE)
+            if pending and time.monotonic() - last_stop >= (RESTOP_EVERY_S if r.stop_replied else 2.0):
                 last_stop = time.monotonic()
                 self.send_stop(r)
             self.wait_status(r, TERMINAL, 1.0)
