@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import queue
 import shutil
 import time
@@ -16,9 +17,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
-from edge_agent import ffmpeg
+from edge_agent import __version__, discovery, ffmpeg
 from edge_agent.config import AgentConfig
 from edge_agent.errors import CommandError, FFmpegNotFound
 from edge_agent.journal import Journal
@@ -29,9 +30,11 @@ from edge_agent.messages import (
     Command,
     dumps,
     parse_command,
+    parse_switch,
     request_id_of,
+    transition_events,
 )
-from edge_agent.mqtt import CommandReceived, Connected, Disconnected, MqttEvent
+from edge_agent.mqtt import CommandReceived, Connected, Disconnected, MessageReceived, MqttEvent
 from edge_agent.recorder import (
     Interrupted,
     MediaStarted,
@@ -43,7 +46,7 @@ from edge_agent.recorder import (
     RecordingSpec,
 )
 from edge_agent.tasks import Task, iso, stamp, utc_now
-from edge_agent.topics import Topics
+from edge_agent.topics import DiscoveryTopics, Topics
 from edge_agent.uploads import UploadAttempt, UploadEvent, UploadFailed, UploadFinished, UploadRetrying
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,13 @@ class Publisher(Protocol):
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None: ...
     def reply(self, topic: str, payload: bytes, response_topic: str | None, correlation: bytes | None) -> None: ...
+
+
+@runtime_checkable
+class Subscriber(Protocol):
+    """Optional: a publisher that can also subscribe to extra topics (the MQTT link can)."""
+
+    def add_subscription(self, topic: str) -> None: ...
 
 
 class UploadSubmitter(Protocol):
@@ -123,6 +133,11 @@ class Agent:
             "query": self._cmd_query,
         }
         self._stopping = False
+        self._born = time.monotonic()
+        self._ffmpeg_restarts = 0  # watchdog restarts of FFmpeg since the agent started
+        self.ha_topics = DiscoveryTopics(cfg.homeassistant.discovery_prefix)
+        if cfg.homeassistant.enabled and isinstance(publisher, Subscriber):
+            publisher.add_subscription(self.ha_topics.ha_status)
 
     # ---- start-up --------------------------------------------------------------------------
 
@@ -183,13 +198,18 @@ class Agent:
     def run(self) -> None:
         """Handle events until a Shutdown event, then stop recordings and return (bounded)."""
         next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS
+        period = self.cfg.telemetry_seconds
+        next_telemetry = time.monotonic() + period if period > 0 else math.inf
         while True:
             now = time.monotonic()
             self._enforce_deadlines(now)
             if now >= next_housekeeping:
                 self._housekeeping()
                 next_housekeeping = now + HOUSEKEEPING_SECONDS
-            wake = min([next_housekeeping, *self._deadlines.values()])
+            if now >= next_telemetry:
+                self._publish_telemetry()
+                next_telemetry = now + period
+            wake = min([next_housekeeping, next_telemetry, *self._deadlines.values()])
             try:
                 event = self.events.get(timeout=max(0.01, wake - time.monotonic()))
             except queue.Empty:
@@ -212,6 +232,13 @@ class Agent:
                 self._on_command(event)
             case Connected():
                 self._republish_all()
+                self._publish_discovery()
+                if self.cfg.telemetry_seconds > 0:
+                    self._publish_telemetry()
+            case MessageReceived(topic=topic, payload=payload):
+                if topic == self.ha_topics.ha_status and payload.strip().lower() == b"online":
+                    log.info("Home Assistant came online: publishing discovery")
+                    self._publish_discovery()
             case Disconnected():
                 log.info("broker connection lost; recordings continue, statuses are republished later")
             case Probed(camera_id=cam, mode=mode, detail=detail):
@@ -225,6 +252,7 @@ class Agent:
                 task = self._tasks.get(tid)
                 if task is not None:
                     log.warning("%s interrupted (%d): %s", tid, count, reason)
+                    self._ffmpeg_restarts += max(0, count - (task.interruptions or 0))
                     self._update(task, interruptions=count)
             case RecordingFinished():
                 self._on_recording_finished(event)
@@ -264,12 +292,16 @@ class Agent:
             doc = {"status": "error", "camera_id": camera, "error": f"camera {camera!r} is not configured"}
             self._send_reply(camera, doc, False, rid, ev)
             return
-        try:
-            cmd = parse_command(ev.payload, self.cfg.mqtt.max_payload_bytes)
-        except CommandError as exc:
-            doc = {"status": "rejected", "camera_id": camera, "error": str(exc)}
-            self._send_reply(camera, doc, False, request_id_of(ev.payload), ev)
-            return
+        switch = parse_switch(ev.payload)
+        if switch is not None:
+            cmd = self._switch_command(camera, switch)
+        else:
+            try:
+                cmd = parse_command(ev.payload, self.cfg.mqtt.max_payload_bytes)
+            except CommandError as exc:
+                doc = {"status": "rejected", "camera_id": camera, "error": str(exc)}
+                self._send_reply(camera, doc, False, request_id_of(ev.payload), ev)
+                return
         if cmd.request_id is not None:
             seen = self._replies.get((camera, cmd.request_id))
             if seen is not None:
@@ -284,6 +316,18 @@ class Agent:
             log.exception("command %s on %s failed", cmd.action, camera)
             doc, ok = {"status": "error", "camera_id": camera, "error": f"internal error: {exc}"}, False
         self._send_reply(camera, doc, ok, cmd.request_id, ev)
+
+    def _switch_command(self, camera: str, action: Literal["start", "stop"]) -> Command:
+        """A plain ON/OFF (start/stop) acts on whatever the camera runs: ON while busy is the
+        running task's idempotent start; ON when free starts `switch_<UTC stamp>`; OFF stops the
+        running task whatever its name (or answers `not_running`)."""
+        busy = self._active.get(camera)
+        if action == "start":
+            if busy is not None and busy.status in BUSY_STATUSES:
+                return Command(action="start", task_name=busy.task_name)
+            return Command(action="start", task_name=f"switch_{stamp(utc_now())}")
+        running = busy.task_name if busy is not None and busy.status in ACTIVE_STATUSES else ""
+        return Command(action="stop", task_name=running)
 
     def _send_reply(
         self, camera: str, doc: dict[str, Any], ok: bool, request_id: str | None, ev: CommandReceived
@@ -464,12 +508,16 @@ class Agent:
     # ---- state and publishing -----------------------------------------------------------------
 
     def _update(self, task: Task, **changes: Any) -> None:
+        old_status = task.status
         for key, value in changes.items():
             setattr(task, key, value)
         task.updated = utc_now()
         if task.status not in BUSY_STATUSES and self._active.get(task.camera_id) is task:
             del self._active[task.camera_id]
         self._publish(task)
+        # Flow events follow the status they announce (journaled and published just above).
+        for event in transition_events(old_status, task.status_doc(), iso(task.updated)):
+            self._pub.publish(self.topics.events(task.camera_id), dumps(event), retain=False)
 
     def _publish(self, task: Task) -> None:
         """Journal, then publish the task topic and (if newest) the camera's status topic."""
@@ -542,6 +590,45 @@ class Agent:
                 self._pub.publish(self.topics.task(camera, name), dumps(task.status_doc()), retain=True)
         if self.cfg.storage.type == "minio":
             self._publish_uploads(force=True)
+
+    def _publish_discovery(self) -> None:
+        """Home Assistant device configs (retained), and empty ones for cameras no longer configured."""
+        ha = self.cfg.homeassistant
+        if not ha.enabled:
+            return
+        configs = discovery.discovery_configs(self.cfg, __version__)
+        state_path = self.cfg.recording.output_dir.resolve() / discovery.STATE_FILE
+        for topic in discovery.stale_topics(discovery.read_state(state_path), ha.discovery_prefix, set(configs)):
+            log.info("Home Assistant: removing %s (no longer configured)", topic)
+            self._pub.publish(topic, b"", retain=True)
+        for node, doc in configs.items():
+            self._pub.publish(self.ha_topics.device_config(node), dumps(doc), retain=True)
+        try:
+            discovery.write_state(state_path, discovery.state_doc(ha.discovery_prefix, set(configs)))
+        except OSError as exc:
+            log.warning("cannot write %s: %s (removed cameras will not be cleared from HA)", state_path, exc)
+
+    def _telemetry_doc(self) -> dict[str, Any]:
+        backlog = self._uploads_doc()
+        try:
+            disk_free: int | None = _free_bytes(self.cfg.recording.output_dir)
+        except OSError:
+            disk_free = None
+        return {
+            "device_id": self.cfg.device_id,
+            "version": __version__,
+            "uptime_seconds": round(time.monotonic() - self._born, 1),
+            "cameras_configured": len(self.cfg.cameras),
+            "cameras_recording": sum(1 for t in self._active.values() if t.status in ACTIVE_STATUSES),
+            "queue_length": backlog["queue_length"],
+            "bytes_pending": backlog["bytes_pending"],
+            "disk_free_bytes": disk_free,
+            "ffmpeg_restarts": self._ffmpeg_restarts,
+            "updated_at": iso(utc_now()),
+        }
+
+    def _publish_telemetry(self) -> None:
+        self._pub.publish(self.topics.telemetry, dumps(self._telemetry_doc()), retain=True)
 
     def _housekeeping(self) -> None:
         if self.cfg.storage.type == "minio":

@@ -157,6 +157,20 @@ class StorageConfig(_Model):
         return self
 
 
+class HomeAssistantConfig(_Model):
+    """Home Assistant MQTT discovery (device-based); off by default so nothing appears uninvited."""
+
+    enabled: bool = False
+    discovery_prefix: str = Field("homeassistant", description="HA's discovery prefix; HA's birth topic is <it>/status")
+
+    @field_validator("discovery_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not TOPIC_PREFIX_RE.match(v):
+            raise ValueError("must be topic levels of letters, digits, '_' or '-' separated by '/'")
+        return v
+
+
 class AgentConfig(_Model):
     """The whole `agent.yaml`."""
 
@@ -165,6 +179,8 @@ class AgentConfig(_Model):
     cameras: dict[str, CameraConfig] = Field(default_factory=dict)
     recording: RecordingConfig = RecordingConfig()
     storage: StorageConfig = StorageConfig()
+    homeassistant: HomeAssistantConfig = HomeAssistantConfig()
+    telemetry_seconds: float = Field(60.0, ge=0, description="retained P/D/telemetry period; 0 disables")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("device_id")

@@ -97,3 +97,56 @@ def request_id_of(payload: bytes) -> str | None:
 def dumps(obj: dict[str, Any]) -> bytes:
     """Compact UTF-8 JSON (non-ASCII task names stay readable)."""
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+# ---- plain switch payloads ------------------------------------------------------------------------
+
+SWITCH_WORDS: dict[str, Literal["start", "stop"]] = {"on": "start", "start": "start", "off": "stop", "stop": "stop"}
+
+
+def parse_switch(payload: bytes) -> Literal["start", "stop"] | None:
+    """`ON`/`OFF`/`start`/`stop` (any case, surrounding whitespace ignored) as sent by switch-style
+    clients and Home Assistant buttons; None for anything else (then it must be a JSON command)."""
+    if len(payload) > 16:
+        return None
+    try:
+        word = payload.decode("ascii").strip().lower()
+    except UnicodeDecodeError:
+        return None
+    return SWITCH_WORDS.get(word)
+
+
+# ---- flow events ----------------------------------------------------------------------------------
+
+EVENT_FIELDS: dict[str, tuple[str, ...]] = {
+    "started": ("start_time", "max_seconds"),
+    "stopped": ("duration_seconds", "size_bytes", "local_file", "stop_reason"),
+    "uploaded": ("object_name", "bucket", "size_bytes", "sha256", "download_url"),
+    "failed": ("error",),
+    "completed": ("local_file", "duration_seconds", "size_bytes", "sha256"),
+}
+FINALISED_STATUSES = UPLOAD_STATUSES | {"completed"}
+
+
+def transition_events(old_status: str, doc: dict[str, Any], at: str) -> list[dict[str, Any]]:
+    """The flow events one status change causes, in order (a local recording that finishes yields
+    `stopped` then `completed`). `doc` is the task's status document after the change."""
+    new = doc["status"]
+    if new == old_status:
+        return []
+    kinds: list[str] = []
+    if new == "recording":
+        kinds.append("started")
+    if old_status in ACTIVE_STATUSES and new in FINALISED_STATUSES:
+        kinds.append("stopped")
+    if new in ("uploaded", "failed", "completed"):
+        kinds.append(new)
+    out = []
+    for kind in kinds:
+        event: dict[str, Any] = {"event": kind, "camera_id": doc.get("camera_id"), "task_name": doc.get("task_name"),
+                                 "device_id": doc.get("device_id"), "at": at}  # fmt: skip
+        for key in EVENT_FIELDS[kind]:
+            if doc.get(key) is not None:
+                event[key] = doc[key]
+        out.append(event)
+    return out

@@ -50,7 +50,15 @@ class CommandReceived:
     correlation_data: bytes | None = None
 
 
-MqttEvent = Connected | Disconnected | CommandReceived
+@dataclass(frozen=True)
+class MessageReceived:
+    """A message on an extra subscription (`add_subscription`), e.g. Home Assistant's birth topic."""
+
+    topic: str
+    payload: bytes
+
+
+MqttEvent = Connected | Disconnected | CommandReceived | MessageReceived
 
 
 def catch_log_exception(func: Callable[P, None]) -> Callable[P, None]:
@@ -76,6 +84,7 @@ class MqttLink:
         self._v5 = cfg.protocol == "5"
         self._connected = threading.Event()
         self._closing = False
+        self._extra: frozenset[str] = frozenset()  # exact topics, subscribed on every connect
         protocol = paho.MQTTv5 if self._v5 else paho.MQTTv311
         kwargs: dict[str, Any] = {}
         if not self._v5:
@@ -110,6 +119,13 @@ class MqttLink:
         self._client.reconnect_delay_set(
             min_delay=max(1, round(first)), max_delay=int(self._cfg.reconnect_max_seconds)
         )
+
+    def add_subscription(self, topic: str) -> None:
+        """Also subscribe to `topic` (exact, QoS 1) on every connect; its messages are posted as
+        `MessageReceived`. Call before `start()` (or it takes effect at the next connect)."""
+        self._extra = self._extra | {topic}
+        if self._connected.is_set():
+            self._client.subscribe(topic, qos=1)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -165,6 +181,8 @@ class MqttLink:
             return
         log.info("connected to %s:%s (session present: %s)", self._cfg.host, self._cfg.port, flags.session_present)
         client.subscribe(self._topics.command_filter, qos=1)
+        for topic in sorted(self._extra):
+            client.subscribe(topic, qos=1)
         client.publish(self._topics.availability, b"online", qos=1, retain=True)
         self._connected.set()
         self._post(Connected(bool(flags.session_present)))
@@ -187,6 +205,8 @@ class MqttLink:
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         camera_id = self._topics.camera_of_command(msg.topic)
         if camera_id is None:
+            if msg.topic in self._extra:
+                self._post(MessageReceived(msg.topic, bytes(msg.payload)))
             return
         response_topic = correlation = None
         props = getattr(msg, "properties", None)

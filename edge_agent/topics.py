@@ -6,6 +6,13 @@
     P/D/C/status            retained  the camera's current or latest task
     P/D/C/tasks/<task>      retained  one task's status (bounded per camera)
     P/D/uploads             retained  upload backlog summary
+    P/D/C/events            flow events (started, stopped, uploaded, failed, completed)
+    P/D/telemetry           retained  periodic health summary
+
+Home Assistant (see `DiscoveryTopics`):
+
+    H/status                HA's birth/last will (online | offline)
+    H/device/<node>/config  retained  device-based discovery config
 """
 
 from __future__ import annotations
@@ -37,6 +44,13 @@ class Topics:
         """Subscription that also catches commands for cameras that are not configured."""
         return f"{self.base}/+/cmd"
 
+    @property
+    def telemetry(self) -> str:
+        return f"{self.base}/telemetry"
+
+    def events(self, camera_id: str) -> str:
+        return f"{self.base}/{camera_id}/events"
+
     def command(self, camera_id: str) -> str:
         return f"{self.base}/{camera_id}/cmd"
 
@@ -56,3 +70,18 @@ class Topics:
             return None
         camera = topic[len(head) : -len("/cmd")]
         return camera if camera and "/" not in camera else None
+
+
+@dataclass(frozen=True)
+class DiscoveryTopics:
+    """Home Assistant's discovery topics under its `discovery_prefix`."""
+
+    prefix: str
+
+    @property
+    def ha_status(self) -> str:
+        """HA publishes `online` here when it (re)starts: the cue to publish discovery again."""
+        return f"{self.prefix}/status"
+
+    def device_config(self, node_id: str) -> str:
+        return f"{self.prefix}/device/{node_id}/config"

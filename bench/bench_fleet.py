@@ -1,0 +1,106 @@
+"""Fleet: K agent processes on one broker; one platform client starts every camera at once.
+
+Measures, as K grows, the time from publishing K `start` commands until every retained status reads
+`recording`, beside the broker's own publish->receive round trip measured in the same run.
+
+    .venv/bin/python bench/bench_fleet.py            # K = 10, 25
+    .venv/bin/python bench/bench_fleet.py --full     # K = 10, 50, 100
+    .venv/bin/python bench/bench_fleet.py --quick    # K = 5, 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from _common import RESULTS, md_table
+
+from parts import AgentProcess, CameraSim, Mosquitto, MqttProbe, write_config
+
+
+def broker_rtt(probe: MqttProbe, n: int = 30) -> float:
+    topic = f"rtt/{uuid.uuid4().hex}"
+    probe.subscribe(topic)
+    samples = []
+    for i in range(n):
+        t0 = time.monotonic()
+        probe.publish(topic, {"i": i}, qos=1)
+        probe.wait_for(topic, lambda p, i=i: p["i"] == i, timeout=10)
+        samples.append(time.monotonic() - t0)
+    return statistics.median(samples)
+
+
+def run_fleet(k: int, workdir: Path, broker: Mosquitto, camera: CameraSim) -> dict[str, float]:
+    prefix = f"fleet{uuid.uuid4().hex[:6]}"
+    agents = []
+    try:
+        for i in range(k):
+            cfg = write_config(
+                workdir / f"a{i}" / "agent.yaml", device_id=f"dev{i:04d}", mqtt_port=broker.port, topic_prefix=prefix,
+                cameras={"cam1": {"url": camera.url("cam1"), "video": "copy"}}, output_dir=workdir / f"a{i}" / "rec",
+                storage={"type": "local", "min_free_bytes": 0}, mqtt={"reconnect_min_seconds": 1},
+            )  # fmt: skip
+            agents.append(AgentProcess(cfg, workdir / f"a{i}").start())
+        with MqttProbe(broker.host, broker.port) as platform:
+            platform.subscribe(f"{prefix}/+/status")
+            platform.subscribe(f"{prefix}/+/cam1/status")
+            for i in range(k):
+                platform.wait_for_raw(f"{prefix}/dev{i:04d}/status", lambda p: p == b"online", timeout=120)
+            rtt = broker_rtt(platform)
+            t0 = time.monotonic()
+            for i in range(k):
+                platform.publish(f"{prefix}/dev{i:04d}/cam1/cmd", {"action": "start", "task_name": "fleet"}, qos=1)
+            sent = time.monotonic() - t0
+            for i in range(k):
+                platform.wait_for(f"{prefix}/dev{i:04d}/cam1/status", lambda p: p["status"] == "recording", 120)
+            all_recording = time.monotonic() - t0
+            for i in range(k):
+                platform.publish(f"{prefix}/dev{i:04d}/cam1/cmd", {"action": "stop", "task_name": "fleet"}, qos=1)
+            t1 = time.monotonic()
+            for i in range(k):
+                platform.wait_for(f"{prefix}/dev{i:04d}/cam1/status", lambda p: p["status"] in ("completed", "failed"),
+                                  120)  # fmt: skip
+            all_done = time.monotonic() - t1
+            failed = sum(
+                1 for i in range(k) if platform.messages(f"{prefix}/dev{i:04d}/cam1/status")[-1]["status"] == "failed"
+            )
+    finally:
+        for a in agents:
+            a.stop(timeout=30)
+    return {"k": k, "broker_rtt_s": rtt, "publish_all_s": sent, "all_recording_s": all_recording,
+            "all_completed_s": all_done, "failed": failed}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--full", action="store_true")
+    args = ap.parse_args()
+    sizes = [5, 10] if args.quick else [10, 50, 100] if args.full else [10, 25]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
+        work = Path(tmp)
+        with Mosquitto(work / "mq") as broker, CameraSim(work / "cam", mounts=("cam1",)) as camera:
+            for k in sizes:
+                rows.append(run_fleet(k, work / f"k{k}", broker, camera))
+                r = rows[-1]
+                print(f"K={k}: all recording after {r['all_recording_s']:.2f} s (broker RTT {r['broker_rtt_s']*1000:.1f} ms)",
+                      flush=True)  # fmt: skip
+    print()
+    print(md_table(
+        ["agents K", "broker RTT (ms)", "publish K starts (s)", "start -> all `recording` (s)",
+         "stop -> all `completed` (s)", "failed"],
+        [[r["k"], f"{r['broker_rtt_s']*1000:.1f}", f"{r['publish_all_s']:.2f}", f"{r['all_recording_s']:.2f}",
+          f"{r['all_completed_s']:.2f}", r["failed"]] for r in rows],
+    ))  # fmt: skip
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "fleet.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Integrations end to end (real Mosquitto, GStreamer RTSP camera, FFmpeg, local storage): Home
+Assistant device discovery, the HA start/stop buttons (plain ON/OFF payloads), flow events and
+telemetry."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from parts import MqttProbe, ffprobe_info, moov_before_mdat
+from rig import Rig, make_rig, mosquitto_pub, record_for
+
+pytestmark = pytest.mark.integration
+
+HA = "homeassistant"
+
+
+def edit_config(rig: Rig, **changes: Any) -> None:
+    doc = yaml.safe_load(rig.config_path.read_text())
+    doc.update(changes)
+    rig.config_path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def node_topic(node: str) -> str:
+    return f"{HA}/device/{node}/config"
+
+
+def test_home_assistant_discovery_buttons_events_telemetry(
+    tmp_path: Path, broker, probe, prefix, make_agent, camera
+) -> None:
+    cameras = {"cam1": {"url": camera.url("cam1"), "name": "Gate"}, "cam2": {"url": camera.url("cam2")}}
+    rig = make_rig(tmp_path, broker, probe, prefix, make_agent, cameras=cameras, storage={"type": "local"})
+    edit_config(rig, homeassistant={"enabled": True, "discovery_prefix": HA}, telemetry_seconds=1)
+    probe.subscribe(f"{HA}/#")
+    rig.start_agent()
+    cam1_node, cam2_node, agent_node = f"{rig.device}_cam1", f"{rig.device}_cam2", f"{rig.device}_agent"
+
+    # Discovery: retained, valid JSON, what HA requires per platform.
+    cfg1 = probe.wait_for(node_topic(cam1_node), timeout=20)
+    probe.wait_for(node_topic(cam2_node), timeout=20)
+    agent_cfg = probe.wait_for(node_topic(agent_node), timeout=20)
+    assert cfg1["dev"]["identifiers"] == [cam1_node] and cfg1["dev"]["name"] == "Gate"
+    assert cfg1["o"]["name"] == "edge-agent" and cfg1["avty_t"] == f"{rig.base}/status"
+    for comp in [*cfg1["cmps"].values(), *agent_cfg["cmps"].values()]:
+        assert comp["p"] in ("button", "binary_sensor", "sensor") and comp["unique_id"]
+        assert ("command_topic" if comp["p"] == "button" else "state_topic") in comp
+    assert agent_cfg["cmps"]["upload_backlog"]["state_topic"] == f"{rig.base}/uploads"
+    with MqttProbe(broker.host, broker.port) as late:
+        late.subscribe(node_topic(cam1_node))
+        msg = late.wait_for_message(node_topic(cam1_node), timeout=10)
+        assert msg.retain and msg.json() == cfg1
+
+    telemetry = probe.wait_for(f"{rig.base}/telemetry", lambda p: p["cameras_configured"] == 2, timeout=10)
+    assert telemetry["cameras_recording"] == 0 and telemetry["disk_free_bytes"] > 0 and telemetry["version"]
+
+    # HA's birth message makes the agent publish discovery again.
+    probe.clear()
+    probe.publish(f"{HA}/status", "online")
+    assert probe.wait_for(node_topic(cam1_node), timeout=10) == cfg1
+
+    # The start button, as HA presses it, then OFF: a playable recording and its events.
+    start, stop = cfg1["cmps"]["start"], cfg1["cmps"]["stop"]
+    mosquitto_pub(broker.port, start["command_topic"], start["payload_press"])
+    reply = probe.wait_for(rig.reply_topic("cam1"), lambda p: p["status"] == "starting", timeout=20)
+    assert reply["ok"] is True and reply["task_name"].startswith("switch_")
+    task = reply["task_name"]
+    rig.wait_status("cam1", task, "recording", timeout=30)
+    probe.wait_for(f"{rig.base}/telemetry", lambda p: p["cameras_recording"] == 1, timeout=10)
+    record_for(4)
+    mosquitto_pub(broker.port, stop["command_topic"], stop["payload_press"])
+    final = rig.wait_status("cam1", task, {"completed", "failed"}, timeout=60)
+    assert final["status"] == "completed", final
+    path = Path(final["local_file"])
+    info = ffprobe_info(path)
+    assert info["codec"] == "h264" and 2.0 <= info["duration"] <= 8.0
+    assert moov_before_mdat(path)
+
+    events_topic = f"{rig.base}/cam1/events"
+    probe.wait_for(events_topic, lambda p: p["event"] == "completed", timeout=10)
+    events = probe.messages(events_topic)
+    assert [e["event"] for e in events] == ["started", "stopped", "completed"]
+    assert all(m.retain is False for m in probe.raw(events_topic))
+    assert all(e["task_name"] == task and e["camera_id"] == "cam1" and e["device_id"] == rig.device for e in events)
+    stopped = events[1]
+    assert stopped["local_file"] == str(path) and stopped["size_bytes"] == path.stat().st_size
+    assert abs(stopped["duration_seconds"] - info["duration"]) < 0.5
+
+    # The binary sensor's source: the camera's retained status reads as not recording now.
+    assert probe.messages(rig.status_topic("cam1"))[-1]["status"] == "completed"
+
+    # Restart without cam2: its device config is cleared (empty retained), the others stay.
+    assert rig.agent is not None
+    rig.agent.terminate()
+    doc = yaml.safe_load(rig.config_path.read_text())
+    del doc["cameras"]["cam2"]
+    rig.config_path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    rig.start_agent()
+    probe.wait_for_raw(node_topic(cam2_node), lambda p: p == b"", timeout=20)
+    probe.wait_for(node_topic(cam1_node), timeout=20)
+    with MqttProbe(broker.host, broker.port) as late:
+        late.subscribe(f"{HA}/device/+/config")
+        late.wait_for_message(node_topic(cam1_node), timeout=10)
+        late.wait_for_message(node_topic(agent_node), timeout=10)
+        time.sleep(1.0)
+        assert late.raw(node_topic(cam2_node)) == []
+    state = json.loads((rig.output_dir / ".ha-discovery.json").read_text())
+    assert state == {"discovery_prefix": HA, "nodes": sorted([agent_node, cam1_node])}
