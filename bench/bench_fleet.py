@@ -19,7 +19,6 @@ import uuid
 from pathlib import Path
 
 from _common import RESULTS, md_table
-
 from parts import AgentProcess, CameraSim, Mosquitto, MqttProbe, write_config
 
 
@@ -89,8 +88,8 @@ def main() -> None:
             for k in sizes:
                 rows.append(run_fleet(k, work / f"k{k}", broker, camera))
                 r = rows[-1]
-                print(f"K={k}: all recording after {r['all_recording_s']:.2f} s (broker RTT {r['broker_rtt_s']*1000:.1f} ms)",
-                      flush=True)  # fmt: skip
+                rtt_ms = r["broker_rtt_s"] * 1000
+                print(f"K={k}: all recording after {r['all_recording_s']:.2f} s, broker RTT {rtt_ms:.1f} ms")
     print()
     print(md_table(
         ["agents K", "broker RTT (ms)", "publish K starts (s)", "start -> all `recording` (s)",

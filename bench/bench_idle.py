@@ -68,7 +68,7 @@ def main() -> None:
                     s1 = tree.snapshot()
                     cpu = TreeCpu.between(s0, s1)
                     msgs = len(probe.raw()) - n_msgs0
-                X
+                    threads = len(os.listdir(f"/proc/{agent.pid}/task"))
                     children = len(s1["kids"])
                 finally:
                     agent.stop()

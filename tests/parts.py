@@ -296,6 +296,7 @@ class Mosquitto(ManagedProcess):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         lines = [
             f"listener {self.port} {LOCALHOST}",
+            "set_tcp_nodelay true",
             "allow_anonymous true",
             "persistence true",
             f"persistence_location {self.data_dir}/",
