@@ -1,4 +1,8 @@
-"""Command line: `edge-agent run` and `edge-agent check-config`. The one place that wires concrete classes."""
+"""Command line: `edge-agent run`, `edge-agent check-config` and `edge-agent ctl`. The one place that wires
+concrete classes.
+
+exit codes: run/check-config: 0 ok, 2 invalid configuration; ctl: see `edge-agent ctl --help`
+(0 ok, 1 answered ok:false or task failed, 2 usage/config error, 3 timeout or broker unreachable)."""
 
 from __future__ import annotations
 
@@ -8,11 +12,12 @@ import logging
 import queue
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from types import FrameType
 
-from edge_agent import __version__, ffmpeg
+from edge_agent import __version__, ctl, ffmpeg, notify
 from edge_agent.agent import Agent, Event, Shutdown
 from edge_agent.config import AgentConfig, load_config
 from edge_agent.errors import ConfigError
@@ -51,6 +56,14 @@ class JsonFormatter(logging.Formatter):
             "thread": record.threadName,
             "msg": record.getMessage(),
         }
+        camera = getattr(record, "camera", None) or getattr(record, "camera_id", None)
+        if camera is None and record.threadName and record.threadName.startswith("recorder."):
+            camera = record.threadName[len("recorder.") :]
+        if camera is not None:
+            doc["camera"] = str(camera)
+        task = getattr(record, "task", None) or getattr(record, "task_name", None)
+        if task is not None:
+            doc["task"] = str(task)
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc, ensure_ascii=False)
@@ -88,8 +101,45 @@ def cmd_check_config(path: Path) -> int:
     return 0
 
 
+class HeartbeatQueue(queue.SimpleQueue[Event]):
+    """The agent's event queue; its `get` (called only by the agent loop) feeds a loop heartbeat."""
+
+    heartbeat: notify.LoopHeartbeat | None = None
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Event:
+        hb = self.heartbeat
+        if hb is not None:
+            hb.waiting()
+        try:
+            return super().get(block, timeout)
+        finally:
+            if hb is not None:
+                hb.busy()
+
+
+def start_watchdog(events: HeartbeatQueue, stopping: threading.Event) -> notify.Watchdog | None:
+    """Pings systemd's watchdog (WatchdogSec/2) while the main thread lives and its loop is not stuck.
+
+    The loop counts as stuck when it has been handling one event for longer than half of WatchdogSec;
+    once shutdown has begun (bounded by the agent itself and TimeoutStopSec) it always pings.
+    """
+    seconds = notify.watchdog_seconds()
+    if seconds is None:
+        return None
+    heartbeat = notify.LoopHeartbeat(max_busy=seconds / 2)
+    events.heartbeat = heartbeat
+    main = threading.main_thread()
+
+    def alive() -> bool:
+        return stopping.is_set() or (main.is_alive() and heartbeat.alive())
+
+    log.info("systemd watchdog: pinging every %.1f s", seconds / 2)
+    return notify.Watchdog(seconds / 2, alive).start()
+
+
 def run_agent(cfg: AgentConfig, redactor: RedactingFilter) -> int:
-    events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+    events = HeartbeatQueue()
+    stopping = threading.Event()
     output_dir = cfg.recording.output_dir.resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     journal = Journal(output_dir / JOURNAL_NAME)
@@ -106,27 +156,41 @@ def run_agent(cfg: AgentConfig, redactor: RedactingFilter) -> int:
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         events.put(Shutdown(signal.Signals(signum).name))  # SimpleQueue.put is signal-safe
+        if not stopping.is_set():
+            stopping.set()
+            notify.stopping()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     log.info("edge-agent %s starting: device %s, %d camera(s), storage %s, output %s",
              __version__, cfg.device_id, len(cfg.cameras), cfg.storage.type, output_dir)  # fmt: skip
     agent.recover()
+    agent.prewarm_probes()
     if pool is not None:
         pool.start()
     link.start()
     started = time.monotonic()
+    watchdog = start_watchdog(events, stopping)
+    notify.ready()
+    notify.status(f"device {cfg.device_id}: {len(cfg.cameras)} camera(s), storage {cfg.storage.type}")
     try:
         agent.run()
     finally:
+        if not stopping.is_set():
+            stopping.set()
+            notify.stopping()
         link.stop(timeout=3.0)
         journal.close()
+        if watchdog is not None:
+            watchdog.stop()
     log.info("edge-agent stopped after %.0f s", time.monotonic() - started)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="edge-agent", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the agent")
@@ -135,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), default=None)
     check = sub.add_parser("check-config", help="validate agent.yaml and exit")
     check.add_argument("--config", type=Path, default=Path("agent.yaml"))
+    ctl.add_parser(sub)
     return parser
 
 
@@ -142,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "check-config":
         return cmd_check_config(args.config)
+    if args.command == "ctl":
+        return ctl.run(args)
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:

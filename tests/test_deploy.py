@@ -126,7 +126,9 @@ def test_systemd_unit_has_the_required_keys() -> None:
     assert set(unit.sections()) == {"Unit", "Service", "Install"}
     service = unit["Service"]
     expected = {
-        "Type": "simple",
+        "Type": "notify",
+        "NotifyAccess": "main",
+        "WatchdogSec": "60",
         "ExecStart": "/opt/edge-agent/.venv/bin/edge-agent " + " ".join(AGENT_ARGS),
         "User": "edge-agent",
         "StateDirectory": "edge-agent",
@@ -143,7 +145,8 @@ def test_systemd_unit_has_the_required_keys() -> None:
     }
     for key, value in expected.items():
         assert service.get(key) == value, f"[Service] {key}={service.get(key)!r}, expected {value!r}"
-    assert "NotifyAccess" not in service and "WatchdogSec" not in service  # no sd_notify yet
+    # The watchdog interval leaves room for the agent's ping period (WatchdogSec/2) and a busy loop.
+    assert int(service["WatchdogSec"]) >= 30
     assert int(service["TimeoutStopSec"]) > RecordingConfig().stop_timeout_seconds + 30
     assert unit["Install"]["WantedBy"] == "multi-user.target"
     assert "/var/lib/edge-agent" in UNIT.read_text()  # the output_dir hint for agent.yaml
