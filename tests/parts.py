@@ -985,12 +985,50 @@ class AgentProcess:
         return code
 
     def kill_group(self) -> None:
-        """SIGKILL the agent and everything in its process group(s), e.g. FFmpeg (a power cut)."""
+        """SIGKILL the agent, its process group(s) and its descendants, e.g. FFmpeg in its own session (a power cut)."""
+        if self._proc is not None:
+            for pid in [self._proc.pid, *self.descendant_pids()]:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
         for pgid in self._pgids:
             _signal_group(pgid, signal.SIGKILL)
         if self._proc is not None:
             _reap(self._proc, 10.0)
         self._close_log()
+
+    def descendant_pids(self) -> list[int]:
+        """Live descendants of the agent by parent pid (FFmpeg runs in its own session, outside the group)."""
+        if self._proc is None:
+            return []
+        parents: dict[int, int] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if fields[0] != "Z":
+                    parents[int(entry.name)] = int(fields[1])
+        found: list[int] = []
+        frontier = {self._proc.pid}
+        while frontier:
+            frontier = {pid for pid, ppid in parents.items() if ppid in frontier}
+            found.extend(sorted(frontier))
+        return found
+
+    def ffmpeg_pids(self, mount: str | None = None) -> list[int]:
+        """The agent's FFmpeg recorders (optionally only those reading a URL ending in `/mount`)."""
+        out = []
+        for pid in self.descendant_pids():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if not argv or not argv[0].endswith(b"ffmpeg") or b"segment" not in argv:
+                continue
+            if mount is None or any(a.endswith(f"/{mount}".encode()) for a in argv):
+                out.append(pid)
+        return out
 
     def group_pids(self) -> list[int]:
         """Live pids in the agent's process group(s) (including orphaned children), via /proc."""

@@ -222,10 +222,14 @@ def test_cameras_record_independently_and_sigterm_finalises(
     assert first["status"] == "completed"
     assert rig.request("cam2", {"action": "status"})["status"] == "recording"
 
+    recorders = agent.ffmpeg_pids()
+    assert len(recorders) == 1  # cam2's
     code, elapsed = agent.terminate(timeout=45)
     assert code == 0 and elapsed < 30, (code, elapsed)
     second = rig.wait_status("cam2", "job-cam2", {"completed", "failed"}, timeout=5)
     assert second["status"] == "completed" and "shutdown" in second["stop_reason"]
     assert ffprobe_info(second["local_file"])["duration"] >= 4
     assert probe.wait_for_raw(f"{rig.base}/status", lambda p: p == b"offline", timeout=5)
-    assert not agent.group_pids()  # every FFmpeg child reaped
+    assert not agent.group_pids()
+    for pid in recorders:  # every FFmpeg child stopped and reaped by the agent (no zombie, no orphan)
+        assert not Path(f"/proc/{pid}").exists()

@@ -18,36 +18,6 @@ SEGMENT_S = 2  # the rig's segment length
 RETAINED_BOUND_S = 15.0  # stated bound: retained statuses are correct this long after the broker is back
 
 
-def children(pid: int) -> list[int]:
-    """Direct children of `pid` (FFmpeg runs in its own session, so not in the agent's group)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            out.append(int(entry.name))
-    return out
-
-
-def ffmpeg_pids(agent: AgentProcess, mount: str) -> list[int]:
-    """The agent's recording FFmpeg processes for a camera mount (from /proc)."""
-    pids = []
-    for pid in children(agent.pid):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and argv[0].endswith(b"ffmpeg") and b"segment" in argv and any(
-            a.endswith(f"/{mount}".encode()) for a in argv
-        ):
-            pids.append(pid)
-    return pids
-
-
 def _state(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -58,7 +28,7 @@ def _state(pid: int) -> str:
 def wait_ffmpeg(agent: AgentProcess, mount: str, timeout: float = 20) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        pids = ffmpeg_pids(agent, mount)
+        pids = agent.ffmpeg_pids(mount)
         if pids:
             return pids[0]
         time.sleep(0.1)
@@ -104,7 +74,7 @@ def test_kill9_recovers_task_from_segments(
     rig.wait_status("cam2", "cut", "recording", timeout=30)
     began = time.monotonic()
     record_for(10)
-    orphans = ffmpeg_pids(agent, "cam2")
+    orphans = agent.ffmpeg_pids("cam2")
     assert len(orphans) == 1
     for pid in [agent.pid, *orphans] if victims == "agent+ffmpeg" else [agent.pid]:
         os.kill(pid, signal.SIGKILL)  # no 'q', no trailer, no journal update
