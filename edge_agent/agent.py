@@ -45,6 +45,7 @@ from edge_agent.recorder import (
     RecordingFailed,
     RecordingFinished,
     RecordingSpec,
+    SegmentClosed,
     probe_camera,
 )
 from edge_agent.tasks import Task, iso, stamp, utc_now
@@ -279,6 +280,15 @@ class Agent:
                 task = self._tasks.get(tid)
                 if task is not None and task.status == "starting":
                     self._update(task, status="recording")
+            case SegmentClosed(task_id=tid, path=path, seconds=seconds):
+                task = self._tasks.get(tid)
+                if task is not None:
+                    seg: dict[str, Any] = {
+                        "event": "segment", "camera_id": task.camera_id, "task_name": task.task_name,
+                        "device_id": task.device_id, "at": iso(utc_now()), "path": str(path),
+                        "seconds": round(seconds, 3),
+                    }  # fmt: skip
+                    self._pub.publish(self.topics.events(task.camera_id), dumps(seg), retain=False)
             case Interrupted(task_id=tid, count=count, reason=reason):
                 task = self._tasks.get(tid)
                 if task is not None:

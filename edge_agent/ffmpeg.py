@@ -123,12 +123,17 @@ def record_argv(
     analyzeduration_us: int = 500000,
     probesize: int = 500000,
     stats_period_s: float = 0.5,
+    segment_list_fd: int | None = None,
 ) -> list[str]:
     """Record a camera into MPEG-TS segments: a kill loses at most the segment being written.
 
     `-progress pipe:1` gives machine-readable `frame=` lines on stdout, the signal that media is
-    really arriving. MPEG-TS needs no index, so every closed segment is playable on its own.
+    really arriving. MPEG-TS needs no index, so every closed segment is playable on its own. With
+    `segment_list_fd`, FFmpeg writes one CSV line `name,start,end` to that fd as each segment closes.
     """
+    seg_list = (
+        ["-segment_list", f"pipe:{segment_list_fd}", "-segment_list_type", "csv"] if segment_list_fd is not None else []
+    )
     if mode == "copy":
         video = ["-c:v", "copy"]
     else:
@@ -146,7 +151,7 @@ def record_argv(
         "-i", url,
         "-map", "0:v:0", "-an", "-sn", "-dn", *video,
         "-f", "segment", "-segment_time", str(segment_seconds), "-segment_format", "mpegts",
-        "-segment_start_number", str(start_number), "-reset_timestamps", "0",
+        "-segment_start_number", str(start_number), "-reset_timestamps", "0", *seg_list,
         str(segment_dir / SEGMENT_PATTERN),
     ]  # fmt: skip
 
@@ -215,6 +220,17 @@ class ProgressParser:
         if key == "progress":
             block, self._block = self._block, {}
             return block
+        return None
+
+
+def parse_segment_line(line: str) -> tuple[str, float] | None:
+    """`seg_000003.ts,6.000000,8.000000` -> ("seg_000003.ts", 2.0); None for anything else."""
+    parts = line.strip().rsplit(",", 2)
+    if len(parts) != 3:
+        return None
+    try:
+        return parts[0], max(0.0, float(parts[2]) - float(parts[1]))
+    except ValueError:
         return None
 
 

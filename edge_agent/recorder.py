@@ -52,6 +52,13 @@ class MediaStarted:
 
 
 @dataclass(frozen=True)
+class SegmentClosed:
+    task_id: str
+    path: Path
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Interrupted:
     task_id: str
     count: int
@@ -74,7 +81,7 @@ class RecordingFailed:
     error: str
 
 
-RecorderEvent = Probed | MediaStarted | Interrupted | RecordingFinished | RecordingFailed
+RecorderEvent = Probed | MediaStarted | SegmentClosed | Interrupted | RecordingFinished | RecordingFailed
 
 
 @dataclass(frozen=True)
@@ -206,31 +213,37 @@ class Recorder(threading.Thread):
     def _run_ffmpeg(self, mode: Literal["copy", "transcode"], task_started: float) -> str:
         """One FFmpeg run. Returns 'stopped' after a requested stop, else why it ended."""
         spec = self.spec
+        seg_r, seg_w = os.pipe()  # FFmpeg reports each closed segment here
         argv = ffmpeg.record_argv(
             spec.ffmpeg, spec.url, spec.segment_dir, mode=mode, rtsp_transport=spec.rtsp_transport,
             rtsp_timeout_s=spec.rtsp_timeout, segment_seconds=spec.segment_seconds,
             start_number=self._next_segment_number(), preset=spec.preset,
             analyzeduration_us=spec.analyzeduration_us, probesize=spec.probesize,
-            stats_period_s=spec.stats_period,
+            stats_period_s=spec.stats_period, segment_list_fd=seg_w,
         )  # fmt: skip
         try:
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                start_new_session=True, close_fds=True,
-            )  # fmt: skip
-        except OSError as exc:
-            raise RecordingError(f"cannot start FFmpeg: {exc.strerror}") from None
-        assert proc.stdout is not None and proc.stderr is not None and proc.stdin is not None
-        try:
-            return self._supervise(proc, task_started)
+            try:
+                proc = subprocess.Popen(
+                    argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    start_new_session=True, close_fds=True, pass_fds=(seg_w,),
+                )  # fmt: skip
+            except OSError as exc:
+                raise RecordingError(f"cannot start FFmpeg: {exc.strerror}") from None
+            finally:
+                os.close(seg_w)
+            assert proc.stdout is not None and proc.stderr is not None and proc.stdin is not None
+            try:
+                return self._supervise(proc, task_started, seg_r)
+            finally:
+                self._reap(proc)
         finally:
-            self._reap(proc)
+            os.close(seg_r)
 
-    def _supervise(self, proc: subprocess.Popen[bytes], task_started: float) -> str:
+    def _supervise(self, proc: subprocess.Popen[bytes], task_started: float, seg_r: int) -> str:
         spec = self.spec
         assert proc.stdout is not None and proc.stderr is not None
         parser = ffmpeg.ProgressParser()
-        buffers: dict[int, bytes] = {proc.stdout.fileno(): b"", proc.stderr.fileno(): b""}
+        buffers: dict[int, bytes] = {proc.stdout.fileno(): b"", proc.stderr.fileno(): b"", seg_r: b""}
         last_frames = -1
         run_started = time.monotonic()
         last_advance = run_started
@@ -240,7 +253,8 @@ class Recorder(threading.Thread):
             sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
             sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
             sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-            open_pipes = 2
+            sel.register(seg_r, selectors.EVENT_READ, "segments")
+            open_pipes = 3
             while open_pipes:
                 now = time.monotonic()
                 if self._stop_requested.is_set() and stop_sent_at is None:
@@ -281,6 +295,11 @@ class Recorder(threading.Thread):
                     *lines, buffers[fd] = data.split(b"\n")
                     for raw in lines:
                         line = raw.decode("utf-8", "replace")
+                        if key.data == "segments":
+                            seg = ffmpeg.parse_segment_line(line)
+                            if seg is not None:
+                                self._post(SegmentClosed(spec.task_id, spec.segment_dir / seg[0], seg[1]))
+                            continue
                         if key.data == "stderr":
                             if line.strip():
                                 self._stderr_tail.append(self._redact(line.strip())[:300])

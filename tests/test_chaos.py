@@ -8,6 +8,7 @@ whose sha256 matches, exactly one object in the bucket) or ``failed`` with a rea
     EDGE_CHAOS_ROUNDS   rounds (default 20)
     EDGE_CHAOS_SEED     seed of the fault schedule (random and printed if unset)
     EDGE_CHAOS_REPORT   write the tally as JSON to this path
+    EDGE_CHAOS_FAULTS / EDGE_CHAOS_PHASES   comma lists narrowing the choice (replaying one case)
 """
 
 from __future__ import annotations
@@ -30,8 +31,15 @@ from parts import AgentProcess, CameraSim, Mosquitto, MqttProbe, SeaweedS3, ffpr
 from rig import Rig, download, make_rig, minio_storage
 
 ROUNDS = int(os.environ.get("EDGE_CHAOS_ROUNDS", "20"))
-FAULTS = ("agent", "ffmpeg", "broker", "s3", "camera")
-PHASES = ("starting", "recording", "stopping", "uploading")
+ALL_FAULTS = ("agent", "ffmpeg", "broker", "s3", "camera")
+ALL_PHASES = ("starting", "recording", "stopping", "uploading")
+# Optional narrowing for replaying one kind of fault, e.g. EDGE_CHAOS_FAULTS=agent EDGE_CHAOS_PHASES=starting
+FAULTS = (
+    tuple(os.environ.get("EDGE_CHAOS_FAULTS", "").split(",")) if os.environ.get("EDGE_CHAOS_FAULTS") else ALL_FAULTS
+)
+PHASES = (
+    tuple(os.environ.get("EDGE_CHAOS_PHASES", "").split(",")) if os.environ.get("EDGE_CHAOS_PHASES") else ALL_PHASES
+)
 CAMERAS = ("cam1", "cam2")
 TERMINAL = frozenset({"uploaded", "failed"})
 ACTIVE = frozenset({"starting", "recording"})
@@ -187,7 +195,7 @@ class Chaos:
     def request(self, cam: str, payload: dict[str, Any], timeout: float = 10) -> dict[str, Any] | None:
         try:
             return self.rig.request(cam, payload, timeout=timeout)
-        except AssertionError:  # no reply: the agent or the broker is not back yet
+        except (AssertionError, RuntimeError):  # no reply / not connected: the agent or broker is not back yet
             return None
 
     def send_stop(self, r: Round) -> dict[str, Any] | None:
@@ -201,6 +209,13 @@ class Chaos:
         if r.stop_at is None and reply.get("status") in ACTIVE | {"stopping"}:
             r.stop_at = sent  # this stop ended the recording (else it had ended already)
         return reply
+
+    def settle(self) -> None:
+        """Both test clients connected (after a broker restart they reconnect and resubscribe in 1-2 s)."""
+        if not (self.rig.probe.connected and self.watch.connected):
+            self.rig.probe.wait_connected(30)
+            self.watch.wait_connected(30)
+            time.sleep(0.5)  # let the renewed subscriptions be acknowledged
 
     # -- faults
 
@@ -237,6 +252,7 @@ class Chaos:
             self.broker.kill()
             time.sleep(r.restore_after)
             self.broker.start()
+            self.settle()
         elif r.fault == "s3":
             self.s3.kill()
             time.sleep(r.restore_after)
@@ -250,11 +266,14 @@ class Chaos:
 
     def run_round(self, r: Round, rng: random.Random) -> None:
         began = time.monotonic()
+        self.settle()
         reply = None
-        for _ in range(3):
-            reply = self.request(r.cam, {"action": "start", "task_name": r.task}, timeout=30)
-            if reply is not None:
-                break
+        until = time.monotonic() + 60
+        while reply is None and time.monotonic() < until:
+            # A repeated start of the same task is idempotent (it answers with that task's status).
+            reply = self.request(r.cam, {"action": "start", "task_name": r.task}, timeout=15)
+            if reply is None:
+                time.sleep(1)
         assert reply is not None and reply.get("ok") and reply.get("task_name") == r.task, (r, reply)
         stop_sent = False
         if r.phase == "recording":
@@ -295,9 +314,12 @@ class Chaos:
             r.notes.append(f"STUCK: last status {self.latest(r)}")
         r.elapsed = time.monotonic() - began
 
+    def live_orphans(self) -> list[int]:
+        return [pid for pid, url in self.orphans.items() if pid in all_ffmpegs(url)]
+
     def reap_orphans(self) -> list[int]:
         """Orphaned FFmpeg still alive (then killed, so they do not outlive the test)."""
-        alive = [pid for pid, url in self.orphans.items() if pid in all_ffmpegs(url)]
+        alive = self.live_orphans()
         for pid in alive:
             _sigkill(pid)
         return alive
@@ -400,7 +422,9 @@ def test_chaos_rounds(tmp_path: Path, broker, probe, prefix, make_agent, track, 
             r = Round(index=i, cam=CAMERAS[i % len(CAMERAS)], task=f"chaos-{seed}-{i:03d}", fault=fault,
                       phase=rng.choice(PHASES), restore_after=rng.uniform(0, 5))  # fmt: skip
             rounds.append(r)
-            chaos.run_round(r, rng)
+            chaos.run_round(r, random.Random(rng.random()))  # timings: the schedule stays seed-determined
+            if alive := chaos.live_orphans():
+                r.notes.append(f"orphaned FFmpeg alive after the round: {alive}")
             final = r.final or {}
             print(f"round {i:>3} {r.cam} {r.fault:<16} {r.phase:<10} restore {r.restore_after:4.1f}s -> "
                   f"{final.get('status', 'STUCK'):<8} {r.elapsed:5.1f}s recovered={bool(final.get('recovered'))} "
@@ -447,7 +471,8 @@ def test_chaos_rounds(tmp_path: Path, broker, probe, prefix, make_agent, track, 
             answer = chaos.request(r.cam, {"action": "query", "task_name": r.task}, timeout=15)
             if answer is None or answer.get("status") != r.final["status"]:
                 problems.append(f"round {r.index} task {r.task}: query says {answer}, published {r.final}")
-        objects = sorted(o.object_name for o in client.list_objects(bucket, recursive=True))
+        listed = client.list_objects(bucket, recursive=True) if client.bucket_exists(bucket) else []
+        objects = sorted(o.object_name for o in listed)
         expected = sorted(uploaded)
         if objects != expected:
             extra = sorted(set(objects) - set(expected)) + [o for o in set(objects) if objects.count(o) > 1]
@@ -455,19 +480,30 @@ def test_chaos_rounds(tmp_path: Path, broker, probe, prefix, make_agent, track, 
             problems.append(f"bucket mismatch: extra/duplicated {extra}, missing {missing}")
         if not chaos.agent.is_alive():
             problems.append(f"agent not alive at the end (exit {chaos.agent.returncode})")
+        table = _processes()
+        orphan_dirs = {pid: table[pid].argv[-1] for pid in chaos.live_orphans() if pid in table}
         orphans = chaos.reap_orphans()
 
         report = tally(rounds)
         runtime = time.monotonic() - started
         report.update(seed=seed, rounds_run=len(rounds), runtime_seconds=round(runtime, 1),
-                      orphaned_ffmpeg_alive_at_end=len(orphans), problems=problems)  # fmt: skip
+                      orphaned_ffmpeg_alive_at_end=len(orphans),
+        orphaned_ffmpeg_outputs=list(orphan_dirs.values()), problems=problems)  # fmt: skip
         print()
         print(format_table(report))
+        print("\nper round: status, MP4 seconds, loss seconds")
+        for r in rounds:
+            dur = "-" if r.mp4_duration is None else f"{r.mp4_duration:.2f}"
+            loss = "-" if r.loss is None else f"{r.loss:+.2f}"
+            print(f"  {r.index:>3} {r.fault:<16} {r.phase:<10} {(r.final or {}).get('status', 'STUCK'):<8} "
+                  f"mp4 {dur:>6} loss {loss:>6}")  # fmt: skip
         failed = [r for r in rounds if r.final is not None and r.final["status"] == "failed"]
         print(f"\nfailed tasks ({len(failed)}), each with its reason:")
         for r in failed:
             print(f"  round {r.index} {r.fault}/{r.phase}: {r.final['error'] if r.final else ''}")
         print(f"orphaned FFmpeg (from agent.kill) still alive at the end: {len(orphans)}")
+        for pid, out in orphan_dirs.items():
+            print(f"  pid {pid} still writing {out}")
         print(f"runtime {runtime:.0f} s, seed {seed}")
         if path := os.environ.get("EDGE_CHAOS_REPORT"):
             Path(path).write_text(json.dumps(report, indent=2))

@@ -82,7 +82,14 @@ def test_home_assistant_discovery_buttons_events_telemetry(
     events_topic = f"{rig.base}/cam1/events"
     probe.wait_for(events_topic, lambda p: p["event"] == "completed", timeout=10)
     events = probe.messages(events_topic)
-    assert [e["event"] for e in events] == ["started", "stopped", "completed"]
+    kinds = [e["event"] for e in events]
+    # Each closed segment is announced between `started` and `stopped` (rig: 2 s segments).
+    assert kinds[0] == "started" and kinds[-2:] == ["stopped", "completed"], kinds
+    segments = [e for e in events if e["event"] == "segment"]
+    assert kinds[1:-2] == ["segment"] * len(segments) and len(segments) >= 2
+    assert all(e["path"].endswith(".ts") and e["seconds"] > 0 for e in segments)
+    assert abs(sum(e["seconds"] for e in segments) - info["duration"]) < 1.0
+    events = [e for e in events if e["event"] != "segment"]
     assert all(m.retain is False for m in probe.raw(events_topic))
     assert all(e["task_name"] == task and e["camera_id"] == "cam1" and e["device_id"] == rig.device for e in events)
     stopped = events[1]

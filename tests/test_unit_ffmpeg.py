@@ -233,3 +233,17 @@ def test_resolve_empty() -> None:
 
 def test_ffprobe_next_to() -> None:
     assert ffmpeg.ffprobe_next_to("/opt/ff/bin/ffmpeg") == "/opt/ff/bin/ffprobe"
+
+
+def test_segment_list_goes_to_the_given_fd_as_csv() -> None:
+    argv = ffmpeg.record_argv("ffmpeg", "rtsp://h/s", Path("/tmp/seg"), mode="copy", segment_list_fd=7)
+    i = argv.index("-segment_list")
+    assert argv[i + 1] == "pipe:7" and argv[argv.index("-segment_list_type") + 1] == "csv"
+    assert argv.index("-segment_list") < argv.index(str(Path("/tmp/seg") / ffmpeg.SEGMENT_PATTERN))
+    assert "-segment_list" not in ffmpeg.record_argv("ffmpeg", "rtsp://h/s", Path("/tmp/seg"), mode="copy")
+
+
+def test_parse_segment_line() -> None:
+    assert ffmpeg.parse_segment_line("seg_000003.ts,6.000000,8.500000\n") == ("seg_000003.ts", 2.5)
+    assert ffmpeg.parse_segment_line("garbage") is None
+    assert ffmpeg.parse_segment_line("a.ts,x,y") is None
