@@ -216,12 +216,17 @@ class Agent:
             self._journal.save(task)
             self._remember(task)
             self._tasks[task.task_id] = task
+            self._active[task.camera_id] = task  # held until finalised, like any stopping task
             log.warning("recovering %s from its segments", task.task_id)
             rec = self._new_recorder(self._spec(task, "copy"), self.events.put, True)
             self._recorders[task.task_id] = rec
             rec.start()
         for task in self._journal.with_status(UPLOAD_STATUSES):
             self._remember(task)
+            if self._uploads is None:  # storage switched to local since: the file stays where it is
+                self._update(task, status="completed", next_retry_at=None,
+                             error="upload abandoned: storage.type is now local; the file is kept on disk")
+                continue
             self._tasks[task.task_id] = task
             self._queue_upload(task)
 

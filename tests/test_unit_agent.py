@@ -19,7 +19,7 @@ import pytest
 from edge_agent.agent import Agent, Event
 from edge_agent.config import AgentConfig, parse_config
 from edge_agent.journal import Journal
-from edge_agent.mqtt import CommandReceived
+from edge_agent.mqtt import CommandReceived, Connected
 from edge_agent.recorder import MediaStarted, RecorderEvent, RecordingFailed, RecordingFinished, RecordingSpec
 from edge_agent.tasks import parse_iso, stamp
 from edge_agent.uploads import UploadAttempt, UploadFailed, UploadFinished, UploadRetrying
@@ -518,3 +518,64 @@ def test_statuses_never_contain_camera_password(build: Callable[..., Harness]) -
     assert CAM_PASSWORD not in text  # ... but never the password
     assert "sk-zq7-secret" not in text
     assert "rtsp://admin:" not in text
+
+
+# ---- recovery at start-up ---------------------------------------------------------------------------
+
+
+def _journal_task(h: Harness, name: str, status: str, **fields: Any) -> Any:
+    """A task as an earlier run of the agent left it in the journal."""
+    h.start(name)
+    rec = h.recorders[-1]
+    task = h.agent._tasks[rec.spec.task_id]
+    for key, value in {"status": status, **fields}.items():
+        setattr(task, key, value)
+    h.journal.save(task)
+    return task
+
+
+def test_recover_finalises_unfinished_recordings(build: Callable[..., Harness]) -> None:
+    first = build()
+    old = _journal_task(first, "cut", "recording")
+    h = build()  # a new agent process on the same journal
+    h.agent.recover()
+    assert len(h.recorders) == 1 and h.recorders[0].finalise_only and h.recorders[0].started
+    assert h.recorders[0].spec.task_id == old.task_id
+    h.agent.handle(Connected(session_present=True))  # statuses are published once connected
+    doc = h.pub.retained(h.task_topic("cut"))
+    assert doc is not None and doc["status"] == "stopping" and doc["recovered"] is True
+    assert "restarted" in doc["stop_reason"]
+    # The camera is held until the recovered task is finalised.
+    assert h.start("new")["task_name"] == "cut"
+
+
+def test_recover_resumes_pending_uploads_with_attempts(build: Callable[..., Harness], tmp_path: Path) -> None:
+    first = build(MINIO)
+    path = tmp_path / "kept.mp4"
+    path.write_bytes(b"x" * 10)
+    old = _journal_task(first, "up", "upload_pending", local_file=str(path), sha256="cd" * 32, size_bytes=10,
+                        upload_attempts=7)  # fmt: skip
+    h = build(MINIO)
+    h.agent.recover()
+    assert [j["task_id"] for j in h.uploads.submitted] == [old.task_id]
+    job = h.uploads.submitted[0]
+    assert job["attempts_before"] == 7 and job["object_name"] == old.object_name and job["path"] == path
+
+
+def test_recover_with_storage_now_local_keeps_file_and_completes(build: Callable[..., Harness], tmp_path: Path) -> None:
+    first = build(MINIO)
+    path = tmp_path / "kept.mp4"
+    path.write_bytes(b"x" * 10)
+    _journal_task(first, "up", "uploading", local_file=str(path), sha256="cd" * 32, size_bytes=10)
+    cfg = make_config(tmp_path)  # storage.type local now
+    pub = FakePublisher()
+    journal = Journal(tmp_path / "rec" / ".edge-agent.sqlite3")
+    try:
+        agent = Agent(cfg, pub, journal, None, queue.SimpleQueue())
+        agent.resolve_ffmpeg()
+        agent.recover()
+        doc = pub.retained(f"{P_D}/cam1/tasks/up")
+    finally:
+        journal.close()
+    assert doc is not None and doc["status"] == "completed" and "local" in doc["error"]
+    assert path.exists()
