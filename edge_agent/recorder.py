@@ -454,7 +454,7 @@ def finalise_segments(spec: RecordingSpec) -> RecordingFinished | RecordingFaile
             return RecordingFinished(spec.task_id, out, out.stat().st_size, info.duration, sha256_file(out))
     segments = [s for s in _segments(spec.segment_dir) if s.stat().st_size > 0] if spec.segment_dir.exists() else []
     if not segments:
-        return RecordingFailed(spec.task_id, "no media was recorded (no segments on disk)")
+        return RecordingFailed(spec.task_id, "no media was recorded (no non-empty segments on disk)")
     out.parent.mkdir(parents=True, exist_ok=True)
     part = out.with_name(out.name + ".part")
     rejected: list[str] = []

@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
+bash scripts/install-node-red.sh   # a real Node-RED for tests/test_node_red.py (npm, into .node-red/)
 .venv/bin/ruff check edge_agent tests bench
 .venv/bin/mypy
 .venv/bin/pytest -q "$@"

@@ -90,8 +90,10 @@ def test_kill9_recovers_task_from_segments(
     mp4 = download(final["download_url"], tmp_path / "cut.mp4")
     info = ffprobe_info(mp4)
     assert info["codec"] == "h264" and moov_before_mdat(mp4)
-    # Loss is at most the segment being written plus FFmpeg's write buffer (stated: 2 segments).
-    assert info["duration"] >= recorded - 2 * SEGMENT_S, (info["duration"], recorded)
+    # Packets are flushed as written (flush_packets=1), so a kill loses well under one segment.
+    # `recorded` starts when the `recording` status arrived, a little after the first frame.
+    assert info["duration"] >= recorded - 1.5, (info["duration"], recorded)
+    print(f"kill -9 ({victims}): recorded {recorded:.2f} s, recovered {info['duration']:.2f} s")
     # The camera is free for a new task after recovery.
     assert rig.request("cam2", {"action": "start", "task_name": "after"})["status"] == "starting"
     rig.request("cam2", {"action": "stop", "task_name": "after"})

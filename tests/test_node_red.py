@@ -34,14 +34,13 @@ import pytest
 from parts import LOCALHOST, ROOT, ManagedProcess, PartError, ffprobe_info, free_port, moov_before_mdat
 from rig import make_rig, record_for
 
-pytestmark = pytest.mark.integration
-
 FLOW_FILE = ROOT / "deploy" / "node-red" / "flow.json"
 INSTALLER = ROOT / "scripts" / "install-node-red.sh"
 RED_JS = ROOT / ".node-red" / "node_modules" / "node-red" / "red.js"
 FLOW_BASE = "edge/edge-01"  # the topic base the shipped flow uses (README defaults)
 TASK = "nodered"  # the task name the flow's inject nodes send
 STATE_PATH = "/edge-agent-test/state"
+FLOW_EVENTS = {"started", "stopped", "uploaded", "failed", "completed"}  # README "Events"
 
 SETTINGS_JS = """\
 module.exports = {
@@ -200,7 +199,7 @@ return msg;"""
 
 
 def test_shipped_flow_shape() -> None:
-    """The file is an importable flow with the nodes and topics the README documents."""
+    """The file is an importable flow with the nodes and topics the README documents (no Node-RED needed)."""
     flow = json.loads(FLOW_FILE.read_text())
     by_id = {n["id"]: n for n in flow}
     assert len(by_id) == len(flow)
@@ -232,6 +231,7 @@ def test_shipped_flow_shape() -> None:
     assert by_id[by_id["ea_ready_fn"]["wires"][0][0]]["type"] == "debug"
 
 
+@pytest.mark.integration
 def test_node_red_flow_starts_and_stops_a_recording(
     tmp_path: Path, broker, probe, prefix, make_agent, camera, track
 ) -> None:
@@ -269,7 +269,9 @@ def test_node_red_flow_starts_and_stops_a_recording(
     assert ready["task_name"] == TASK and ready["camera_id"] == "cam1" and ready["device_id"] == rig.device
     assert ready["local_file"] == str(path) and ready["size_bytes"] == path.stat().st_size
     assert ready["sha256"] == final["sha256"]
-    assert [e["event"] for e in state["events"] if e["task_name"] == TASK] == ["started", "stopped", "completed"]
+    # Node-RED saw the task's flow events in order (other event kinds, if any, are not the flow's business).
+    flow_events = [e["event"] for e in state["events"] if e["task_name"] == TASK and e["event"] in FLOW_EVENTS]
+    assert flow_events == ["started", "stopped", "completed"], state["events"]
     state = red.wait_state(lambda s: (s["status"] or {}).get("status") == "completed", 10, "see status completed")
     assert state["status"]["task_name"] == TASK
     assert "Started flows" in red.log_text(), red.log_excerpt()
