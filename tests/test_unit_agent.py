@@ -579,3 +579,24 @@ def test_recover_with_storage_now_local_keeps_file_and_completes(build: Callable
         journal.close()
     assert doc is not None and doc["status"] == "completed" and "local" in doc["error"]
     assert path.exists()
+
+
+def test_retention_deletes_only_old_uploaded_copies(build: Callable[..., Harness], tmp_path: Path) -> None:
+    h = build({**MINIO, "delete_local_after_upload": False, "retention_days": 1})
+    files = {}
+    for name, status in (("old-up", "uploaded"), ("old-pending", "upload_pending"), ("new-up", "uploaded")):
+        path = tmp_path / f"{name}.mp4"
+        path.write_bytes(b"x")
+        files[name] = path
+        task = _journal_task(h, name, status, local_file=str(path), local_file_deleted=False)
+        if name.startswith("old"):
+            task.started = task.started - timedelta(days=2)
+        h.journal.save(task)
+        h.agent.handle(RecordingFailed(task.task_id, "test: free the camera"))
+        task.status = status  # the failure above only released the camera; keep the journaled status
+        h.journal.save(task)
+    h.agent._apply_retention()
+    assert not files["old-up"].exists()
+    assert files["old-pending"].exists() and files["new-up"].exists()  # never deletes what is not uploaded
+    kept = {t.task_name: t for t in h.journal.with_status(frozenset({"uploaded"}))}
+    assert kept["old-up"].local_file_deleted is True and kept["new-up"].local_file_deleted is False
