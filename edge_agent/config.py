@@ -42,6 +42,10 @@ class MqttConfig(_Model):
 
     host: str = "127.0.0.1"
     port: int = Field(1883, ge=1, le=65535)
+    hosts: list[str] = Field(
+        default_factory=list,
+        description="broker cluster nodes as host:port, tried in turn on each reconnect; overrides host/port",
+    )
     username: str | None = None
     password: SecretStr | None = None
     topic_prefix: str = "edge"
@@ -59,6 +63,21 @@ class MqttConfig(_Model):
     )
     max_payload_bytes: int = Field(65536, ge=256, description="larger commands are rejected")
     tls: TlsConfig = TlsConfig()
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, v: list[str]) -> list[str]:
+        for item in v:
+            host, sep, port = item.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(f"{item!r} is not host:port")
+        return v
+
+    def endpoints(self) -> list[tuple[str, int]]:
+        """The broker addresses to try, in order."""
+        if not self.hosts:
+            return [(self.host, self.port)]
+        return [(h.rpartition(":")[0], int(h.rpartition(":")[2])) for h in self.hosts]
 
     @field_validator("topic_prefix")
     @classmethod

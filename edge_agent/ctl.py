@@ -139,13 +139,18 @@ class _Conn:
                 return
 
     def connect(self, deadline: float) -> None:
-        try:
-            self.client.connect(
-                self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive,
-                clean_start=True if self.v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
-            )  # fmt: skip
-        except (OSError, ValueError) as exc:
-            raise CtlError(EXIT_TIMEOUT, f"cannot reach the broker at {self.cfg.host}:{self.cfg.port}: {exc}") from None
+        errors = []
+        for host, port in self.cfg.endpoints():  # the first node of a cluster that answers
+            try:
+                self.client.connect(
+                    host, port, keepalive=self.cfg.keepalive,
+                    clean_start=True if self.v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+                )  # fmt: skip
+                break
+            except (OSError, ValueError) as exc:
+                errors.append(f"{host}:{port}: {exc}")
+        else:
+            raise CtlError(EXIT_TIMEOUT, "cannot reach the broker at " + "; ".join(errors))
         self.client.loop_start()
         self._wait_ack("connected", None, deadline)
 

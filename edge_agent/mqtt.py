@@ -113,6 +113,9 @@ class MqttLink:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_socket_open = self._on_socket_open
+        self._client.on_connect_fail = self._on_connect_fail
+        self._endpoints = cfg.endpoints()
+        self._endpoint = 0
 
     def _jitter_reconnect(self) -> None:
         # paho's backoff doubles from min to max without jitter; a random first delay per outage
@@ -137,8 +140,9 @@ class MqttLink:
         if self._v5:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = self._cfg.session_expiry_seconds
+        host, port = self._endpoints[0]
         self._client.connect_async(
-            self._cfg.host, self._cfg.port, keepalive=self._cfg.keepalive,
+            host, port, keepalive=self._cfg.keepalive,
             clean_start=False if self._v5 else paho.MQTT_CLEAN_START_FIRST_ONLY, properties=props,
         )  # fmt: skip
         self._client.loop_start()
@@ -189,7 +193,7 @@ class MqttLink:
         if reason_code.is_failure:
             log.error("broker refused the connection: %s", reason_code)
             return
-        log.info("connected to %s:%s (session present: %s)", self._cfg.host, self._cfg.port, flags.session_present)
+        log.info("connected to %s:%s (session present: %s)", client.host, client.port, flags.session_present)
         client.subscribe(self._topics.command_filter, qos=1)
         for topic in sorted(self._extra):
             client.subscribe(topic, qos=1)
@@ -209,7 +213,24 @@ class MqttLink:
         elif was:
             log.warning("disconnected from the broker: %s", reason_code)
             self._jitter_reconnect()
+            self._next_endpoint()
             self._post(Disconnected(str(reason_code)))
+
+    @catch_log_exception
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        self._next_endpoint()
+
+    def _next_endpoint(self) -> None:
+        """With a broker cluster (`mqtt.hosts`), try the next node at the next reconnect."""
+        if len(self._endpoints) < 2 or self._closing:
+            return
+        self._endpoint = (self._endpoint + 1) % len(self._endpoints)
+        host, port = self._endpoints[self._endpoint]
+        try:
+            self._client.host, self._client.port = host, port
+        except RuntimeError:  # still connected: paho keeps the current node
+            return
+        log.info("next broker node: %s:%s", host, port)
 
     @catch_log_exception
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
