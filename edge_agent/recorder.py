@@ -126,6 +126,7 @@ class Recorder(threading.Thread):
         self._wake_r, self._wake_w = os.pipe()
         self._stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         self._media_seen = False
+        self._segment_seconds: dict[str, float] = {}  # as FFmpeg reported each closed segment
         self.interruptions = 0
 
     # -- called from the agent thread --------------------------------------------------------
@@ -298,6 +299,7 @@ class Recorder(threading.Thread):
                         if key.data == "segments":
                             seg = ffmpeg.parse_segment_line(line)
                             if seg is not None:
+                                self._segment_seconds[seg[0]] = seg[1]
                                 self._post(SegmentClosed(spec.task_id, spec.segment_dir / seg[0], seg[1]))
                             continue
                         if key.data == "stderr":
@@ -352,8 +354,8 @@ class Recorder(threading.Thread):
     # -- finalising -----------------------------------------------------------------------------
 
     def _finalise(self) -> None:
-        result = finalise_segments(self.spec)
-        self._post(result)
+        known = None if self._finalise_only else self._segment_seconds
+        self._post(finalise_segments(self.spec, known))
 
 
 def probe_camera(
@@ -445,8 +447,38 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def finalise_segments(spec: RecordingSpec) -> RecordingFinished | RecordingFailed:
-    """Join a task's segments into its final MP4. Idempotent: a finished output is reused."""
+def _screen(spec: RecordingSpec, segments: list[Path]) -> tuple[list[Path], list[str], float]:
+    """ffprobe each segment: (readable ones, names of unreadable ones, total readable seconds)."""
+    good, bad, seconds = [], [], 0.0
+    for seg in segments:
+        info = _probe_file(spec.ffprobe, seg, spec.probe_timeout)
+        if info is None:
+            bad.append(seg.name)
+        else:
+            good.append(seg)
+            seconds += info.duration
+    return good, bad, seconds
+
+
+def _set_aside(spec: RecordingSpec, names: list[str]) -> None:
+    aside = spec.segment_dir.parent / (spec.segment_dir.name + ".rejected")
+    aside.mkdir(exist_ok=True)
+    for name in names:
+        os.replace(spec.segment_dir / name, aside / name)
+    log.warning("%s: set aside unreadable segments %s in %s", spec.task_id, names, aside)
+
+
+def finalise_segments(
+    spec: RecordingSpec, known_seconds: dict[str, float] | None = None
+) -> RecordingFinished | RecordingFailed:
+    """Join a task's segments into its final MP4. Idempotent: a finished output is reused.
+
+    `known_seconds` (segment name -> seconds, as FFmpeg reported them while recording) lets the
+    joined file be checked against what was recorded without probing every segment. Without it
+    (crash recovery), or when the join comes out short — the concat demuxer stops quietly at a
+    damaged segment — every segment is probed, unreadable ones are set aside, and the rest joined.
+    Segments are deleted only once the MP4 holds what they held.
+    """
     out = spec.output_file
     if out.exists() and not spec.segment_dir.exists():
         info = _probe_file(spec.ffprobe, out, spec.probe_timeout)
@@ -458,39 +490,44 @@ def finalise_segments(spec: RecordingSpec) -> RecordingFinished | RecordingFaile
     out.parent.mkdir(parents=True, exist_ok=True)
     part = out.with_name(out.name + ".part")
     rejected: list[str] = []
-    error = _concat(spec, segments, part)
-    if error is not None:
-        # Slow path: find the unreadable segments, set them aside, join the rest.
-        good = []
-        for seg in segments:
-            if _probe_file(spec.ffprobe, seg, spec.probe_timeout) is None:
-                rejected.append(seg.name)
-            else:
-                good.append(seg)
-        if rejected:
-            aside = spec.segment_dir.parent / (spec.segment_dir.name + ".rejected")
-            aside.mkdir(exist_ok=True)
-            for name in rejected:
-                os.replace(spec.segment_dir / name, aside / name)
-            log.warning("%s: set aside unreadable segments %s in %s", spec.task_id, rejected, aside)
-        if not good:
-            return RecordingFailed(spec.task_id, f"no readable segments ({len(rejected)} set aside)")
-        error = _concat(spec, good, part)
-        if error is not None:
-            return RecordingFailed(spec.task_id, f"joining segments failed: {ffmpeg.redact(error, spec.secrets)}")
-    info = _probe_file(spec.ffprobe, part, spec.probe_timeout)
-    if info is None or info.duration <= 0:
-        return RecordingFailed(spec.task_id, "the joined MP4 has no readable video stream")
+    screened = known_seconds is None
+    if known_seconds is None:
+        segments, rejected, expected = _screen(spec, segments)
+    else:
+        expected = sum(known_seconds.get(s.name, 0.0) for s in segments)
+    error = None if segments else "no readable segments"
+    info = None
+    if segments:
+        error = _concat(spec, segments, part)
+        info = None if error else _probe_file(spec.ffprobe, part, spec.probe_timeout)
+    tolerance = max(1.0, 0.02 * expected)
+    if not screened and (info is None or info.duration < expected - tolerance):
+        log.warning("%s: joined file short or unreadable (%s); checking each segment", spec.task_id,
+                    error or f"{info.duration if info else 0:.1f} s of {expected:.1f} s")  # fmt: skip
+        segments, rejected, expected = _screen(spec, segments)
+        error = None if segments else "no readable segments"
+        if segments:
+            error = _concat(spec, segments, part)
+            info = None if error else _probe_file(spec.ffprobe, part, spec.probe_timeout)
+    if rejected:
+        _set_aside(spec, rejected)
+    if error is not None or info is None or info.duration <= 0:
+        detail = ffmpeg.redact(error or "the joined MP4 has no readable video stream", spec.secrets)
+        return RecordingFailed(spec.task_id, f"joining segments failed: {detail} ({len(rejected)} set aside)")
     digest = sha256_file(part)
     with part.open("rb") as f:
-        os.fsync(f.fileno())  # FFmpeg does not fsync: make the file durable before it replaces nothing
+        os.fsync(f.fileno())  # FFmpeg does not fsync: make the file durable before the rename
     os.replace(part, out)
     _fsync_dir(out.parent)
-    for seg in _segments(spec.segment_dir):
-        seg.unlink()
-    with contextlib.suppress(OSError):
-        (spec.segment_dir / "concat.txt").unlink()
-        spec.segment_dir.rmdir()
+    if info.duration >= expected - tolerance:
+        for seg in _segments(spec.segment_dir):
+            seg.unlink()
+        with contextlib.suppress(OSError):
+            (spec.segment_dir / "concat.txt").unlink()
+            spec.segment_dir.rmdir()
+    else:  # keep the evidence rather than delete media the MP4 may not hold
+        log.warning("%s: MP4 has %.1f s of %.1f s recorded; segments kept in %s",
+                    spec.task_id, info.duration, expected, spec.segment_dir)  # fmt: skip
     return RecordingFinished(
         spec.task_id, out, out.stat().st_size, round(info.duration, 3), digest, tuple(rejected)
     )
