@@ -669,6 +669,8 @@ class Agent:
             "queue_length": backlog["queue_length"],
             "bytes_pending": backlog["bytes_pending"],
             "disk_free_bytes": disk_free,
+            # Below the floor new starts are refused (`rejected`); operators see it here first.
+            "disk_below_floor": disk_free is not None and disk_free < self.cfg.storage.min_free_bytes,
             "ffmpeg_restarts": self._ffmpeg_restarts,
             "updated_at": iso(utc_now()),
         }

@@ -136,6 +136,7 @@ def test_sigterm_with_store_down_then_disk_floor(
     rig.start_agent()
     refused = rig.request("cam1", {"action": "start", "task_name": "nope"})
     assert refused["status"] == "rejected" and "disk" in refused["error"] and refused["ok"] is False
+    assert probe.wait_for(f"{rig.base}/telemetry", lambda p: p["disk_below_floor"] is True, timeout=10)
     assert local.is_file() and local.stat().st_size == pending["size_bytes"]
 
     s3.restart()

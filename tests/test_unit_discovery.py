@@ -331,6 +331,7 @@ def test_telemetry_document(build: Callable[..., Harness]) -> None:
     assert t0 is not None
     assert t0["cameras_configured"] == 2 and t0["cameras_recording"] == 0 and t0["ffmpeg_restarts"] == 0
     assert t0["version"] == __version__ and t0["disk_free_bytes"] > 0 and t0["uptime_seconds"] >= 0
+    assert t0["disk_below_floor"] is False  # min_free_bytes is 0 in these tests
     assert t0["queue_length"] == 0 and t0["bytes_pending"] == 0
     h.start("t")
     tid = h.recorders[0].spec.task_id

@@ -1,0 +1,149 @@
+"""A clustered broker end to end: the agent's MQTT node dies mid-recording and it fails over.
+
+Three NATS servers (JetStream + MQTT 3.1.1 on each, ``tests/nats.py``) form one broker; the agent
+gets all three in ``mqtt.hosts``. The node it is connected to is killed while a task records; a
+stop command sent through a surviving node while the agent is reconnecting must be executed once,
+and the task must end ``completed`` with a file covering the whole task.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from nats import NatsCluster, NatsNode
+from parts import AgentProcess, MqttProbe, ffprobe_info, moov_before_mdat, write_config
+from rig import DEVICE, record_for
+
+pytestmark = pytest.mark.integration
+
+# Stated bound: from the kill of the agent's node to the agent logging a connection to a surviving
+# node. Budget: the agent's first reconnect delay (1-3 s with reconnect_min_seconds=1), a refused
+# or stalled attempt while the cluster re-elects its JetStream leaders (measured ~10 s before MQTT
+# round trips work again) and paho's doubling backoff capped at RECONNECT_MAX_S.
+RECONNECT_MAX_S = 4
+RECONNECT_BOUND_S = 30.0
+CONNECTED_RE = re.compile(r"connected to 127\.0\.0\.1:(\d+) ")
+
+
+def connected_ports(agent: AgentProcess) -> list[int]:
+    """The MQTT ports of every "connected to" line in the agent's log, oldest first."""
+    return [int(m) for m in CONNECTED_RE.findall(agent.log_text())]
+
+
+def wait_connects(agent: AgentProcess, count: int, timeout: float) -> list[int]:
+    """Waits until the agent has logged at least ``count`` connections; returns their ports."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ports = connected_ports(agent)
+        if len(ports) >= count:
+            return ports
+        if not agent.is_alive():
+            raise AssertionError(f"agent exited ({agent.returncode})\n{agent.log_excerpt()}")
+        if time.monotonic() >= deadline:
+            raise AssertionError(
+                f"agent logged {len(ports)} connection(s), not {count}, within {timeout} s\n{agent.log_excerpt()}"
+            )
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, track) -> NatsCluster:
+    nats = NatsCluster(tmp_path / "nats")
+    for node in nats:
+        track(node)  # stopped at teardown, log tails in the failure report
+    return nats.start()
+
+
+def test_broker_node_loss_fails_over_and_keeps_recording(
+    tmp_path, cluster: NatsCluster, prefix, make_agent, camera
+) -> None:
+    n1, _n2, n3 = cluster.nodes
+    base = f"{prefix}/{DEVICE}"
+    cmd_topic, reply_topic = f"{base}/cam1/cmd", f"{base}/cam1/reply"
+    task_topic, status_topic = f"{base}/cam1/tasks/ha", f"{base}/cam1/status"
+    config = write_config(
+        tmp_path / "agent.yaml", device_id=DEVICE, mqtt_port=n1.port, topic_prefix=prefix,
+        cameras={"cam1": {"url": camera.url("cam1")}}, output_dir=tmp_path / "recordings",
+        storage={"type": "local", "min_free_bytes": 0},
+        recording={"segment_seconds": 2, "first_frame_timeout_seconds": 15, "stall_timeout_seconds": 6,
+                   "stop_timeout_seconds": 8, "restart_backoff_max_seconds": 2},
+        mqtt={"protocol": "3.1.1", "hosts": cluster.addresses, "reconnect_min_seconds": 1,
+              "reconnect_max_seconds": RECONNECT_MAX_S},
+    )  # fmt: skip
+
+    with MqttProbe(n3.host, n3.port, protocol=4) as watcher:
+        watcher.subscribe(f"{prefix}/#")
+        agent = make_agent(config)
+        watcher.wait_for_raw(f"{base}/status", lambda p: p == b"online", timeout=30)
+        first = wait_connects(agent, 1, 10)
+        assert first == [n1.port], (first, cluster.addresses)  # hosts are tried in order
+
+        rid_start = uuid.uuid4().hex
+        watcher.publish(cmd_topic, {"action": "start", "task_name": "ha", "request_id": rid_start})
+        reply = watcher.wait_for(reply_topic, lambda p: p.get("request_id") == rid_start, timeout=30)
+        assert reply["status"] == "starting", reply
+        watcher.wait_for(task_topic, lambda p: p["status"] == "recording", timeout=30)
+        began = time.monotonic()
+        record_for(4)
+
+        victim: NatsNode = cluster.node_by_mqtt_port(connected_ports(agent)[-1])
+        survivors = [n for n in cluster.nodes if n is not victim]
+        assert watcher.port != victim.port, "the watcher must be on a surviving node"
+        sender_node = survivors[0]
+        rid_stop = uuid.uuid4().hex
+        with MqttProbe(sender_node.host, sender_node.port, protocol=4) as sender:
+            connects_before = len(connected_ports(agent))
+            victim.kill()
+            killed = time.monotonic()
+            # The agent's TCP connection is reset at once; its first reconnect waits >= 1 s.
+            sender.publish(cmd_topic, {"action": "stop", "task_name": "ha", "request_id": rid_stop},
+                           qos=1, timeout=RECONNECT_BOUND_S)  # fmt: skip
+            published = time.monotonic()
+            sent_while_reconnecting = len(connected_ports(agent)) == connects_before
+        ports = wait_connects(agent, connects_before + 1, RECONNECT_BOUND_S)
+        reconnected = time.monotonic() - killed
+        assert ports[-1] in {n.port for n in survivors}, (ports, victim.port)
+        assert reconnected <= RECONNECT_BOUND_S, reconnected
+        assert sent_while_reconnecting, "the stop was only acknowledged after the agent was back"
+
+        stopping = watcher.wait_for(task_topic, lambda p: p["status"] == "stopping", timeout=30)
+        stop_seen = time.monotonic()
+        assert stopping["stop_reason"] == "stop command", stopping
+        final = watcher.wait_for(task_topic, lambda p: p["status"] in ("completed", "failed"), timeout=60)
+        wall = time.monotonic() - began
+        assert final["status"] == "completed", final
+        time.sleep(1)  # a late duplicate delivery of the stop would be answered by now
+        stop_replies = [m for m in watcher.messages(reply_topic) if m.get("request_id") == rid_stop]
+        assert stop_replies and all(m == stop_replies[0] for m in stop_replies), stop_replies
+        assert stop_replies[0]["status"] in ("stopping", "stopped", "completed"), stop_replies
+
+    log = agent.log_text()
+    assert log.count(f"command stop on cam1 (task 'ha', request {rid_stop})") == 1, agent.log_excerpt()
+    statuses = [m["status"] for m in watcher.messages(task_topic)]
+    assert statuses.count("completed") >= 1 and "failed" not in statuses, statuses
+
+    # Recording went on through the broker node loss: one playable MP4 covering the task.
+    mp4 = Path(final["local_file"])
+    assert list(mp4.parent.glob("*.mp4")) == [mp4]
+    info = ffprobe_info(mp4)
+    assert info["codec"] == "h264" and moov_before_mdat(mp4), info
+    recorded_until_stop = stop_seen - began
+    assert recorded_until_stop - 2.0 <= info["duration"] <= wall + 1.0, (info["duration"], recorded_until_stop, wall)
+
+    # A fresh client on a surviving node reads the retained camera status: the task completed.
+    reader_node = survivors[-1]
+    with MqttProbe(reader_node.host, reader_node.port, protocol=4) as reader:
+        reader.subscribe(status_topic)
+        retained = reader.wait_for_message(status_topic, timeout=15)
+        assert retained.retain, retained
+        doc = retained.json()
+        assert doc["status"] == "completed" and doc["task_name"] == "ha", doc
+    print(
+        f"node {victim.name} killed: agent back on 127.0.0.1:{ports[-1]} after {reconnected:.1f} s "
+        f"(bound {RECONNECT_BOUND_S:.0f} s); stop acked {published - killed:.2f} s after the kill; "
+        f"MP4 {info['duration']:.1f} s of a {recorded_until_stop:.1f} s task"
+    )
