@@ -114,6 +114,7 @@ class MqttLink:
         self._client.on_message = self._on_message
         self._client.on_socket_open = self._on_socket_open
         self._client.on_connect_fail = self._on_connect_fail
+        self._client.on_subscribe = self._on_subscribe
         self._endpoints = cfg.endpoints()
         self._endpoint = 0
 
@@ -192,7 +193,7 @@ class MqttLink:
     ) -> None:  # fmt: skip
         if reason_code.is_failure:
             log.error("broker refused the connection: %s", reason_code)
-            return
+            return  # paho disconnects; _on_disconnect moves on to the next cluster node
         log.info("connected to %s:%s (session present: %s)", client.host, client.port, flags.session_present)
         client.subscribe(self._topics.command_filter, qos=1)
         for topic in sorted(self._extra):
@@ -208,13 +209,36 @@ class MqttLink:
     ) -> None:  # fmt: skip
         was = self._connected.is_set()
         self._connected.clear()
-        if was and self._closing:
-            log.info("disconnected from the broker (shutdown)")
-        elif was:
+        if self._closing:
+            if was:
+                log.info("disconnected from the broker (shutdown)")
+            return
+        # Lost an established connection, or closed before CONNACK (a node that accepts TCP but
+        # cannot serve MQTT): either way the next attempt goes to the next cluster node.
+        self._next_endpoint()
+        if was:
             log.warning("disconnected from the broker: %s", reason_code)
             self._jitter_reconnect()
-            self._next_endpoint()
             self._post(Disconnected(str(reason_code)))
+
+    @catch_log_exception
+    def _on_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:  # fmt: skip
+        if any(rc.is_failure for rc in reason_codes):
+            # Without its command subscription the agent would be deaf; retry later (a cluster
+            # broker may refuse subscriptions while it elects a leader), never from this thread.
+            log.error("broker refused a subscription (%s); retrying in 5 s", [str(rc) for rc in reason_codes])
+            timer = threading.Timer(5.0, self._resubscribe)
+            timer.daemon = True
+            timer.start()
+
+    def _resubscribe(self) -> None:
+        if self._connected.is_set() and not self._closing:
+            self._client.subscribe(self._topics.command_filter, qos=1)
+            for topic in sorted(self._extra):
+                self._client.subscribe(topic, qos=1)
 
     @catch_log_exception
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
@@ -224,12 +248,15 @@ class MqttLink:
         """With a broker cluster (`mqtt.hosts`), try the next node at the next reconnect."""
         if len(self._endpoints) < 2 or self._closing:
             return
-        self._endpoint = (self._endpoint + 1) % len(self._endpoints)
-        host, port = self._endpoints[self._endpoint]
+        index = (self._endpoint + 1) % len(self._endpoints)
+        host, port = self._endpoints[index]
         try:
             self._client.host, self._client.port = host, port
-        except RuntimeError:  # still connected: paho keeps the current node
-            return
+        except RuntimeError:
+            # paho 2.x refuses the public setters from its own callbacks (its state is still
+            # CONNECTED/CONNECTING though the socket is gone); its reconnect() dials _host/_port.
+            self._client._host, self._client._port = host, port
+        self._endpoint = index
         log.info("next broker node: %s:%s", host, port)
 
     @catch_log_exception

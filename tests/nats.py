@@ -188,9 +188,7 @@ class NatsCluster:
             except (AssertionError, OSError) as exc:
                 last = exc
                 time.sleep(0.5)
-        raise PartError(
-            f"no MQTT path {src.name} -> {dst.name} within {timeout:.0f} s: {last}\n{self.log_excerpts()}"
-        )
+        raise PartError(f"no MQTT path {src.name} -> {dst.name} within {timeout:.0f} s: {last}\n{self.log_excerpts()}")
 
     def stop(self) -> None:
         for node in self.nodes:
