@@ -122,9 +122,24 @@ def main(argv: list[str] | None = None) -> int:
     if server.attach(None) == 0:
         print(f"ERROR: cannot bind 127.0.0.1:{args.port}", file=sys.stderr, flush=True)
         return 1
+    keepers = []
+    if args.shared:
+        # GStreamer RTSP server 1.22 aborts (gst_rtsp_media_get_rates: assertion failed) when a client
+        # joins a shared media while its last client leaves and it unprepares. One in-process client
+        # per mount keeps each shared media prepared, so clients coming and going never race that.
+        creds = f" user-id={args.user} user-pw={args.password}" if args.user is not None else ""
+        for mount in (m.strip() for m in args.mounts.split(",") if m.strip()):
+            keeper = Gst.parse_launch(
+                f"rtspsrc location=rtsp://127.0.0.1:{args.port}/{mount} protocols=tcp latency=0{creds} "
+                "! fakesink sync=false async=false"
+            )
+            keeper.set_state(Gst.State.PLAYING)
+            keepers.append(keeper)
     print(f"camsim: {args.codec} {args.width}x{args.height}@{args.fps} on port {args.port}", flush=True)
     print("READY", flush=True)
     loop.run()
+    for keeper in keepers:
+        keeper.set_state(Gst.State.NULL)
     print("camsim: stopped", flush=True)
     return 0
 

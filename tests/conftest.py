@@ -66,7 +66,7 @@ def camera(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CameraSim]:
 
     Do not kill it in a test: start a private ``CameraSim`` for camera-outage tests.
     """
-    sim = CameraSim(tmp_path_factory.mktemp("camsim"), mounts=CAMERA_MOUNTS, width=1280, height=720)
+    sim = CameraSim(tmp_path_factory.mktemp("camsim"), mounts=CAMERA_MOUNTS, width=1280, height=720, shared=False)
     _SESSION_PARTS["camera"] = sim
     try:
         sim.start()

@@ -405,7 +405,7 @@ def test_chaos_rounds(tmp_path: Path, broker, probe, prefix, make_agent, track, 
     rng = random.Random(seed)
     started = time.monotonic()
 
-    sim = track(CameraSim(tmp_path / "camsim", mounts=CAMERAS, width=640, height=360)).start()
+    sim = track(CameraSim(tmp_path / "camsim", mounts=CAMERAS, width=640, height=360, shared=False)).start()
     s3 = track(SeaweedS3(tmp_path / "s3")).start()
     rig = make_rig(tmp_path, broker, probe, prefix, make_agent, cameras={c: {"url": sim.url(c)} for c in CAMERAS},
                    storage=minio_storage(s3, bucket))  # fmt: skip

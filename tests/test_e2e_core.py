@@ -191,7 +191,8 @@ def test_missing_ffmpeg_is_a_clear_error(tmp_path, broker, probe, prefix, make_a
 
 
 def test_non_h264_camera_is_transcoded(tmp_path, broker, probe, prefix, make_agent, track) -> None:
-    sim = track(CameraSim(tmp_path / "mjpeg", codec="mjpeg", width=640, height=360, mounts=("cam1",))).start()
+    sim = CameraSim(tmp_path / "mjpeg", codec="mjpeg", width=640, height=360, mounts=("cam1",), shared=False)
+    track(sim).start()
     rig = make_rig(tmp_path, broker, probe, prefix, make_agent, cameras={"cam1": {"url": sim.url("cam1")}},
                    storage={"type": "local"})  # fmt: skip
     rig.start_agent()

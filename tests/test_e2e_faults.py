@@ -102,7 +102,7 @@ def test_kill9_recovers_task_from_segments(
 def test_camera_outage_is_one_task_with_an_interruption(
     tmp_path, broker, probe, prefix, make_agent, track
 ) -> None:
-    sim = track(CameraSim(tmp_path / "cam", mounts=("cam1",))).start()
+    sim = track(CameraSim(tmp_path / "cam", mounts=("cam1",), shared=False)).start()
     rig = make_rig(tmp_path, broker, probe, prefix, make_agent, cameras={"cam1": {"url": sim.url("cam1")}},
                    storage={"type": "local"})  # fmt: skip
     rig.start_agent()

@@ -120,7 +120,7 @@ def test_camera_recording_is_h264_with_faststart(camera: CameraSim, tmp_path: Pa
 
 
 def test_mjpeg_camera_with_auth(tmp_path: Path, track: Callable[[CameraSim], CameraSim]) -> None:
-    sim = track(CameraSim(tmp_path / "cam", width=640, height=360, codec="mjpeg", user="u", password="p"))
+    sim = track(CameraSim(tmp_path / "cam", width=640, height=360, codec="mjpeg", user="u", password="p", shared=False))
     sim.start()
     info = ffprobe_info(sim.url())
     assert info["codec"] == "mjpeg"
