@@ -61,11 +61,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 @pytest.fixture(scope="session")
-def camera(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CameraSim]:
-    """One H.264 720p25 RTSP simulator with mounts cam1..cam4 shared by the whole session.
-
-    Do not kill it in a test: start a private ``CameraSim`` for camera-outage tests.
-    """
+def _camera_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CameraSim]:
     sim = CameraSim(tmp_path_factory.mktemp("camsim"), mounts=CAMERA_MOUNTS, width=1280, height=720, shared=False)
     _SESSION_PARTS["camera"] = sim
     try:
@@ -74,6 +70,18 @@ def camera(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CameraSim]:
     finally:
         sim.stop()
         _SESSION_PARTS.pop("camera", None)
+
+
+@pytest.fixture
+def camera(_camera_session: CameraSim) -> CameraSim:
+    """One H.264 720p25 RTSP simulator with mounts cam1..cam4 shared by the whole session.
+
+    Do not kill it in a test: start a private ``CameraSim`` for camera-outage tests. Should it have
+    died anyway, it is restarted on the same port before the next test, so one failure stays one.
+    """
+    if not _camera_session.is_alive():
+        _camera_session.restart()
+    return _camera_session
 
 
 @pytest.fixture(scope="session")
