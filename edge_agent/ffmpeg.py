@@ -209,21 +209,13 @@ def parse_file_probe(output: str) -> FileInfo | None:
     return FileInfo(stream.codec, stream.pix_fmt, stream.width, stream.height, duration)
 
 
-class ProgressParser:
-    """Accumulates `key=value` lines of `-progress` output; returns a block at each `progress=` line."""
+_FRAME_LINE = re.compile(rb"^frame=(\d+)\s*$", re.MULTILINE)
 
-    def __init__(self) -> None:
-        self._block: dict[str, str] = {}
 
-    def feed(self, line: str) -> dict[str, str] | None:
-        key, sep, value = line.strip().partition("=")
-        if not sep:
-            return None
-        self._block[key] = value
-        if key == "progress":
-            block, self._block = self._block, {}
-            return block
-        return None
+def last_frame_count(progress: bytes) -> int | None:
+    """The newest `frame=N` in a chunk of `-progress` output, or None if it has none."""
+    found = _FRAME_LINE.findall(progress)
+    return int(found[-1]) if found else None
 
 
 def parse_segment_line(line: str) -> tuple[str, float] | None:
@@ -235,11 +227,3 @@ def parse_segment_line(line: str) -> tuple[str, float] | None:
         return parts[0], max(0.0, float(parts[2]) - float(parts[1]))
     except ValueError:
         return None
-
-
-def progress_frames(block: dict[str, str]) -> int:
-    """Frames written so far according to a progress block (0 when unknown)."""
-    try:
-        return int(block.get("frame", "0"))
-    except ValueError:
-        return 0

@@ -108,6 +108,7 @@ class MqttLink:
             )
             self._client.tls_insecure_set(cfg.tls.insecure)
         self._client.will_set(topics.availability, b"offline", qos=1, retain=True)
+        self._failed_attempts = 0
         self._jitter_reconnect()
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
@@ -119,13 +120,17 @@ class MqttLink:
         self._endpoint = 0
 
     def _jitter_reconnect(self) -> None:
-        # paho's backoff doubles from min to max without jitter; a random first delay per outage
-        # keeps a fleet of agents from reconnecting in lockstep after a broker restart.
-        lo = self._cfg.reconnect_min_seconds
-        first = min(self._cfg.reconnect_max_seconds, random.uniform(lo, 3 * lo))
-        self._client.reconnect_delay_set(
-            min_delay=max(1, round(first)), max_delay=int(self._cfg.reconnect_max_seconds)
-        )
+        """Full-jitter exponential backoff: the next delay is uniform in [min, min(max, 3 * min * 2^n)].
+
+        paho doubles its delay without jitter, so a fleet would reconnect in lockstep after a broker
+        restart; this is called after every failed attempt (on_disconnect / on_connect_fail) and
+        sets paho's next delay directly (paho types it int; any number of seconds works).
+        """
+        lo, hi = self._cfg.reconnect_min_seconds, self._cfg.reconnect_max_seconds
+        cap = min(hi, 3 * lo * 2 ** min(self._failed_attempts, 30))
+        delay: Any = random.uniform(lo, max(lo, cap))
+        self._failed_attempts += 1
+        self._client.reconnect_delay_set(min_delay=delay, max_delay=delay)
 
     def add_subscription(self, topic: str) -> None:
         """Also subscribe to `topic` (exact, QoS 1) on every connect; its messages are posted as
@@ -217,8 +222,10 @@ class MqttLink:
         # cannot serve MQTT): either way the next attempt goes to the next cluster node.
         self._next_endpoint()
         if was:
+            self._failed_attempts = 0
+        self._jitter_reconnect()
+        if was:
             log.warning("disconnected from the broker: %s", reason_code)
-            self._jitter_reconnect()
             self._post(Disconnected(str(reason_code)))
 
     @catch_log_exception
@@ -243,6 +250,7 @@ class MqttLink:
     @catch_log_exception
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
         self._next_endpoint()
+        self._jitter_reconnect()
 
     def _next_endpoint(self) -> None:
         """With a broker cluster (`mqtt.hosts`), try the next node at the next reconnect."""

@@ -34,6 +34,11 @@ from edge_agent.errors import RecordingError
 log = logging.getLogger(__name__)
 
 STDERR_TAIL_LINES = 20
+# Joining segments is disk-bound; when many cameras stop at once, join a few at a time rather than
+# all together (64 simultaneous joins on 2 cores timed out in bench_capacity).
+FINALISE_SLOTS = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
+JOIN_MIN_BYTES_PER_SECOND = 5 * 1024 * 1024  # concat timeout: generous for slow SD cards
+JOIN_TIMED_OUT = "joining the segments timed out"
 
 
 # ---- events posted to the agent --------------------------------------------------------------
@@ -243,7 +248,6 @@ class Recorder(threading.Thread):
     def _supervise(self, proc: subprocess.Popen[bytes], task_started: float, seg_r: int) -> str:
         spec = self.spec
         assert proc.stdout is not None and proc.stderr is not None
-        parser = ffmpeg.ProgressParser()
         buffers: dict[int, bytes] = {proc.stdout.fileno(): b"", proc.stderr.fileno(): b"", seg_r: b""}
         last_frames = -1
         run_started = time.monotonic()
@@ -293,29 +297,27 @@ class Recorder(threading.Thread):
                         open_pipes -= 1
                         continue
                     data = buffers[fd] + chunk
-                    *lines, buffers[fd] = data.split(b"\n")
-                    for raw in lines:
+                    complete, _, buffers[fd] = data.rpartition(b"\n")
+                    if key.data == "stdout":
+                        # The hot path (every stats period, every camera): one C-level scan for the
+                        # newest `frame=` of the complete progress lines, no per-line Python.
+                        frames = ffmpeg.last_frame_count(complete)
+                        if frames is not None and frames > last_frames:
+                            last_frames = frames
+                            last_advance = time.monotonic()
+                            if frames > 0 and not self._media_seen:
+                                self._media_seen = True
+                                self._post(MediaStarted(spec.task_id))
+                        continue
+                    for raw in complete.split(b"\n") if complete else ():
                         line = raw.decode("utf-8", "replace")
                         if key.data == "segments":
                             seg = ffmpeg.parse_segment_line(line)
                             if seg is not None:
                                 self._segment_seconds[seg[0]] = seg[1]
                                 self._post(SegmentClosed(spec.task_id, spec.segment_dir / seg[0], seg[1]))
-                            continue
-                        if key.data == "stderr":
-                            if line.strip():
-                                self._stderr_tail.append(self._redact(line.strip())[:300])
-                            continue
-                        block = parser.feed(line)
-                        if block is None:
-                            continue
-                        frames = ffmpeg.progress_frames(block)
-                        if frames > last_frames:
-                            last_frames = frames
-                            last_advance = time.monotonic()
-                        if frames > 0 and not self._media_seen:
-                            self._media_seen = True
-                            self._post(MediaStarted(spec.task_id))
+                        elif line.strip():
+                            self._stderr_tail.append(self._redact(line.strip())[:300])
         try:
             code = proc.wait(timeout=spec.stop_timeout)
         except subprocess.TimeoutExpired:
@@ -355,7 +357,8 @@ class Recorder(threading.Thread):
 
     def _finalise(self) -> None:
         known = None if self._finalise_only else self._segment_seconds
-        self._post(finalise_segments(self.spec, known))
+        with FINALISE_SLOTS:
+            self._post(finalise_segments(self.spec, known))
 
 
 def probe_camera(
@@ -427,13 +430,16 @@ def _concat(spec: RecordingSpec, segments: list[Path], part: Path) -> str | None
     """Run the concat; None on success, else FFmpeg's error tail."""
     list_file = spec.segment_dir / "concat.txt"
     list_file.write_text(ffmpeg.concat_list(segments), encoding="utf-8")
+    total = sum(s.stat().st_size for s in segments)
+    # Bounded by the data to move (written twice: the join, then the +faststart pass).
+    timeout = 60.0 + 2 * total / JOIN_MIN_BYTES_PER_SECOND + 0.1 * len(segments)
     try:
         out = subprocess.run(
             ffmpeg.concat_argv(spec.ffmpeg, list_file, part), capture_output=True, text=True,
-            timeout=max(60.0, 0.5 * len(segments)), check=False, stdin=subprocess.DEVNULL,
+            timeout=timeout, check=False, stdin=subprocess.DEVNULL,
         )  # fmt: skip
     except subprocess.TimeoutExpired:
-        return "joining the segments timed out"
+        return f"{JOIN_TIMED_OUT} after {timeout:.0f} s"
     if out.returncode != 0 or not part.exists() or part.stat().st_size == 0:
         return " | ".join(out.stderr.strip().splitlines()[-3:]) or f"exit code {out.returncode}"
     return None
@@ -500,6 +506,10 @@ def finalise_segments(
     if segments:
         error = _concat(spec, segments, part)
         info = None if error else _probe_file(spec.ffprobe, part, spec.probe_timeout)
+    if error is not None and error.startswith(JOIN_TIMED_OUT):
+        # A stuck disk, not damaged media: probing every segment would only add load. The segments
+        # stay on disk (they are deleted only after a good join).
+        return RecordingFailed(spec.task_id, f"{error}; segments kept in {spec.segment_dir}")
     tolerance = max(1.0, 0.02 * expected)
     if not screened and (info is None or info.duration < expected - tolerance):
         log.warning("%s: joined file short or unreadable (%s); checking each segment", spec.task_id,

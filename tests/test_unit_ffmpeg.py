@@ -173,20 +173,16 @@ def test_parse_file_probe_duration() -> None:
 # ---- progress -----------------------------------------------------------------------------------
 
 
-def test_progress_parser_blocks() -> None:
-    parser = ffmpeg.ProgressParser()
-    lines = ["frame=10", "fps=25.0", "out_time_us=400000", "progress=continue",
-             "frame=35", "garbage line", "progress=end"]  # fmt: skip
-    blocks = [b for b in (parser.feed(line + "\n") for line in lines) if b is not None]
-    assert len(blocks) == 2
-    assert blocks[0] == {"frame": "10", "fps": "25.0", "out_time_us": "400000", "progress": "continue"}
-    assert blocks[1] == {"frame": "35", "progress": "end"}  # a new block starts empty
-    assert [ffmpeg.progress_frames(b) for b in blocks] == [10, 35]
+def test_last_frame_count_takes_the_newest_block() -> None:
+    chunk = b"frame=10\nfps=25.0\nout_time_us=400000\nprogress=continue\nframe=35\nstream_0_0_q=-1.0\nprogress=continue"
+    assert ffmpeg.last_frame_count(chunk) == 35
 
 
-def test_progress_frames_unknown() -> None:
-    assert ffmpeg.progress_frames({}) == 0
-    assert ffmpeg.progress_frames({"frame": "N/A"}) == 0
+def test_last_frame_count_unknown() -> None:
+    assert ffmpeg.last_frame_count(b"") is None
+    assert ffmpeg.last_frame_count(b"fps=25.0\nprogress=continue") is None
+    assert ffmpeg.last_frame_count(b"frame=N/A\nprogress=continue") is None
+    assert ffmpeg.last_frame_count(b"dup_frames=7\nframe=3\r") == 3  # only whole `frame=` lines count
 
 
 # ---- resolve_executable ------------------------------------------------------------------------------
