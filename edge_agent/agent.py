@@ -136,6 +136,7 @@ class Agent:
             "query": self._cmd_query,
         }
         self._stopping = False
+        self._connected_once = False
         self._born = time.monotonic()
         self._ffmpeg_restarts = 0  # watchdog restarts of FFmpeg since the agent started
         self.ha_topics = DiscoveryTopics(cfg.homeassistant.discovery_prefix)
@@ -267,8 +268,13 @@ class Agent:
         match event:
             case CommandReceived():
                 self._on_command(event)
-            case Connected():
-                self._republish_all()
+            case Connected(session_present=present):
+                # Task topics too after a restart, a broker that lost our session, or QoS 0 (whose
+                # publishes made offline were dropped); otherwise paho delivers the QoS 1 updates
+                # queued while offline, and a fleet reconnecting at once sends C messages each, not C x R.
+                full = not self._connected_once or not present or self.cfg.mqtt.qos == 0
+                self._connected_once = True
+                self._republish_all(tasks=full)
                 self._publish_discovery()
                 if self.cfg.telemetry_seconds > 0:
                     self._publish_telemetry()
@@ -625,14 +631,14 @@ class Agent:
             doc["updated_at"] = iso(utc_now())
             self._pub.publish(self.topics.uploads, dumps(doc), retain=True)
 
-    def _republish_all(self) -> None:
+    def _republish_all(self, tasks: bool = True) -> None:
         """After every (re)connect: retained state from live state, never from a stale copy."""
         for camera in self.cfg.cameras:
             latest = self._latest.get(camera)
             doc = latest.status_doc() if latest else {"status": "idle", "camera_id": camera,
                                                        "device_id": self.cfg.device_id}  # fmt: skip
             self._pub.publish(self.topics.status(camera), dumps(doc), retain=True)
-            for name, task in self._retained[camera].items():
+            for name, task in self._retained[camera].items() if tasks else ():
                 self._pub.publish(self.topics.task(camera, name), dumps(task.status_doc()), retain=True)
         if self.cfg.storage.type == "minio":
             self._publish_uploads(force=True)

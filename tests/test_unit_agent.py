@@ -600,3 +600,17 @@ def test_retention_deletes_only_old_uploaded_copies(build: Callable[..., Harness
     assert files["old-pending"].exists() and files["new-up"].exists()  # never deletes what is not uploaded
     kept = {t.task_name: t for t in h.journal.with_status(frozenset({"uploaded"}))}
     assert kept["old-up"].local_file_deleted is True and kept["new-up"].local_file_deleted is False
+
+
+def test_reconnect_with_session_republishes_camera_statuses_only(build: Callable[..., Harness]) -> None:
+    h = build()
+    h.start("a")
+    h.agent.handle(Connected(session_present=True))  # first connect of this process: everything
+    first = [t for t, _, _ in h.pub.published]
+    assert f"{P_D}/cam1/tasks/a" in first and f"{P_D}/cam1/status" in first
+    for present, task_topics in ((True, False), (False, True)):
+        h.pub.published.clear()
+        h.agent.handle(Connected(session_present=present))
+        topics = [t for t, _, _ in h.pub.published]
+        assert f"{P_D}/cam1/status" in topics and f"{P_D}/cam2/status" in topics
+        assert (f"{P_D}/cam1/tasks/a" in topics) is task_topics
