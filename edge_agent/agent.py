@@ -137,6 +137,7 @@ class Agent:
         }
         self._stopping = False
         self._connected_once = False
+        self.metrics_snapshot: dict[str, Any] = {}  # read by the metrics HTTP thread
         self._born = time.monotonic()
         self._ffmpeg_restarts = 0  # watchdog restarts of FFmpeg since the agent started
         self.ha_topics = DiscoveryTopics(cfg.homeassistant.discovery_prefix)
@@ -567,6 +568,8 @@ class Agent:
         if task.status not in BUSY_STATUSES and self._active.get(task.camera_id) is task:
             del self._active[task.camera_id]
         self._publish(task)
+        if self.cfg.metrics.enabled and task.status != old_status:
+            self._refresh_metrics()
         # Flow events follow the status they announce (journaled and published just above).
         for event in transition_events(old_status, task.status_doc(), iso(task.updated)):
             self._pub.publish(self.topics.events(task.camera_id), dumps(event), retain=False)
@@ -682,7 +685,17 @@ class Agent:
         }
 
     def _publish_telemetry(self) -> None:
-        self._pub.publish(self.topics.telemetry, dumps(self._telemetry_doc()), retain=True)
+        doc = self._telemetry_doc()
+        self._refresh_metrics(doc)
+        self._pub.publish(self.topics.telemetry, dumps(doc), retain=True)
+
+    def _refresh_metrics(self, doc: dict[str, Any] | None = None) -> None:
+        """Replace the snapshot the metrics endpoint reads (one reference assignment: no lock)."""
+        snap = dict(doc or self._telemetry_doc())
+        snap["camera_status"] = {
+            cam: (self._latest[cam].status if cam in self._latest else "idle") for cam in self.cfg.cameras
+        }
+        self.metrics_snapshot = snap
 
     def _housekeeping(self) -> None:
         if self.cfg.storage.type == "minio":

@@ -22,6 +22,7 @@ from edge_agent.agent import Agent, Event, Shutdown
 from edge_agent.config import AgentConfig, load_config
 from edge_agent.errors import ConfigError
 from edge_agent.journal import Journal
+from edge_agent.metrics import MetricsServer
 from edge_agent.mqtt import MqttLink
 from edge_agent.topics import Topics
 from edge_agent.uploads import MinioStore, UploadPool
@@ -166,6 +167,11 @@ def run_agent(cfg: AgentConfig, redactor: RedactingFilter) -> int:
              __version__, cfg.device_id, len(cfg.cameras), cfg.storage.type, output_dir)  # fmt: skip
     agent.recover()
     agent.prewarm_probes()
+    metrics = None
+    if cfg.metrics.enabled:
+        agent._refresh_metrics()
+        metrics = MetricsServer(cfg.metrics.host, cfg.metrics.port, lambda: agent.metrics_snapshot).start()
+        log.info("Prometheus metrics on http://%s:%d/metrics", cfg.metrics.host, metrics.port)
     if pool is not None:
         pool.start()
     link.start()
@@ -181,6 +187,8 @@ def run_agent(cfg: AgentConfig, redactor: RedactingFilter) -> int:
             notify.stopping()
         link.stop(timeout=3.0)
         journal.close()
+        if metrics is not None:
+            metrics.stop()
         if watchdog is not None:
             watchdog.stop()
     log.info("edge-agent stopped after %.0f s", time.monotonic() - started)

@@ -190,6 +190,14 @@ class HomeAssistantConfig(_Model):
         return v
 
 
+class MetricsConfig(_Model):
+    """Optional Prometheus text endpoint for scrapes on the LAN (off by default: the agent dials out)."""
+
+    enabled: bool = False
+    host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 to let a LAN Prometheus scrape it")
+    port: int = Field(9108, ge=1, le=65535)
+
+
 class AgentConfig(_Model):
     """The whole `agent.yaml`."""
 
@@ -199,6 +207,7 @@ class AgentConfig(_Model):
     recording: RecordingConfig = RecordingConfig()
     storage: StorageConfig = StorageConfig()
     homeassistant: HomeAssistantConfig = HomeAssistantConfig()
+    metrics: MetricsConfig = MetricsConfig()
     telemetry_seconds: float = Field(60.0, ge=0, description="retained P/D/telemetry period; 0 disables")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -116,3 +116,35 @@ def test_home_assistant_discovery_buttons_events_telemetry(
         assert late.raw(node_topic(cam2_node)) == []
     state = json.loads((rig.output_dir / ".ha-discovery.json").read_text())
     assert state == {"discovery_prefix": HA, "nodes": sorted([agent_node, cam1_node])}
+
+
+def test_prometheus_metrics_follow_the_agent(tmp_path: Path, broker, probe, prefix, make_agent, camera) -> None:
+    from parts import free_port
+
+    port = free_port()
+    rig = make_rig(tmp_path, broker, probe, prefix, make_agent, cameras={"cam1": {"url": camera.url("cam1")}},
+                   storage={"type": "local"})  # fmt: skip
+    edit_config(rig, metrics={"enabled": True, "port": port})
+    rig.start_agent()
+
+    def scrape() -> dict[str, float]:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            text = resp.read().decode()
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line and not line.startswith("#")}  # fmt: skip
+
+    before = scrape()
+    assert before["edge_agent_cameras_configured"] == 1 and before["edge_agent_cameras_recording"] == 0
+    assert before['edge_agent_camera_recording{camera="cam1",status="idle"}'] == 0
+    rig.request("cam1", {"action": "start", "task_name": "prom"})
+    rig.wait_status("cam1", "prom", "recording", timeout=30)
+    during = scrape()
+    assert during["edge_agent_cameras_recording"] == 1
+    assert during['edge_agent_camera_recording{camera="cam1",status="recording"}'] == 1
+    rig.request("cam1", {"action": "stop", "task_name": "prom"})
+    rig.wait_status("cam1", "prom", {"completed", "failed"}, timeout=60)
+    after = scrape()
+    assert after["edge_agent_cameras_recording"] == 0 and after["edge_agent_disk_free_bytes"] > 0

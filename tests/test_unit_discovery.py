@@ -363,3 +363,19 @@ def test_run_loop_publishes_telemetry_on_its_timer(build: Callable[..., Harness]
     th.join(10)
     n = sum(1 for t, _, _ in h.pub.published if t == f"{P_D}/telemetry")
     assert 2 <= n <= 5, n
+
+
+def test_metrics_render_is_prometheus_text() -> None:
+    from edge_agent.metrics import render
+
+    text = render({"device_id": "edge-01", "version": "0.1.0", "cameras_recording": 1, "queue_length": 2,
+                   "disk_below_floor": False, "ffmpeg_restarts": 3, "disk_free_bytes": None,
+                   "camera_status": {"cam1": "recording", "cam2": "uploaded"}})  # fmt: skip
+    lines = text.splitlines()
+    assert 'edge_agent_info{device="edge-01",version="0.1.0"} 1' in lines
+    assert "edge_agent_cameras_recording 1" in lines and "edge_agent_upload_queue_length 2" in lines
+    assert "edge_agent_disk_below_floor 0" in lines and "# TYPE edge_agent_ffmpeg_restarts_total counter" in lines
+    assert not any(line.startswith("edge_agent_disk_free_bytes") for line in lines)  # unknown: left out
+    assert 'edge_agent_camera_recording{camera="cam1",status="recording"} 1' in lines
+    assert 'edge_agent_camera_recording{camera="cam2",status="uploaded"} 0' in lines
+    assert text.endswith("\n")
