@@ -294,7 +294,7 @@ class Agent:
                     self._update(task, status="recording")
             case SegmentClosed(task_id=tid, path=path, seconds=seconds):
                 task = self._tasks.get(tid)
-                if task is not None:
+                if task is not None and self.cfg.recording.segment_events:
                     seg: dict[str, Any] = {
                         "event": "segment", "camera_id": task.camera_id, "task_name": task.task_name,
                         "device_id": task.device_id, "at": iso(utc_now()), "path": str(path),

@@ -133,6 +133,9 @@ class RecordingConfig(_Model):
     analyzeduration_us: int = Field(500000, ge=0, description="FFmpeg -analyzeduration (faster start)")
     probesize: int = Field(500000, ge=32)
     stats_period_seconds: float = Field(0.5, gt=0, description="FFmpeg -stats_period")
+    segment_events: bool = Field(
+        True, description="publish a `segment` event per closed segment (the largest message source in a fleet)"
+    )
 
 
 class StorageConfig(_Model):

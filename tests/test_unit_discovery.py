@@ -379,3 +379,18 @@ def test_metrics_render_is_prometheus_text() -> None:
     assert 'edge_agent_camera_recording{camera="cam1",status="recording"} 1' in lines
     assert 'edge_agent_camera_recording{camera="cam2",status="uploaded"} 0' in lines
     assert text.endswith("\n")
+
+
+def test_segment_events_can_be_turned_off(build: Callable[..., Harness], tmp_path: Path) -> None:
+    from edge_agent.recorder import SegmentClosed
+
+    for enabled in (True, False):
+        h = build(recording={"output_dir": str(tmp_path / "rec"), "segment_events": enabled})
+        h.start("seg")
+        rec = h.recorders[-1]
+        h.pub.published.clear()
+        h.agent.handle(SegmentClosed(rec.spec.task_id, rec.spec.segment_dir / "seg_000000.ts", 4.0))
+        events = [json.loads(p) for t, p, _ in h.pub.published if t.endswith("/events")]
+        assert [e["event"] for e in events] == (["segment"] if enabled else [])
+        if enabled:
+            assert events[0]["seconds"] == 4.0 and events[0]["path"].endswith("seg_000000.ts")
