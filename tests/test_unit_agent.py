@@ -137,28 +137,34 @@ def make_config(tmp: Path, storage: dict[str, Any] | None = None, **sections: An
 MINIO = {"type": "minio", "access_key": "ak", "secret_key": "sk-zq7-secret", "bucket": "recordings"}
 
 
+def make_harness(
+    tmp: Path, cfg: AgentConfig, pub: FakePublisher, journals: list[Journal], *, ffmpeg_ok: bool = True
+) -> Harness:
+    """An Agent on fakes (publisher, uploads, recorders) and a real journal in `tmp` (closed by the caller)."""
+    uploads = FakeUploads()
+    recorders: list[FakeRecorder] = []
+
+    def new_recorder(spec: RecordingSpec, post: Callable[[RecorderEvent], None], finalise_only: bool) -> Any:
+        rec = FakeRecorder(spec, post, finalise_only)
+        recorders.append(rec)
+        return rec
+
+    journal = Journal(tmp / "rec" / ".edge-agent.sqlite3")
+    journals.append(journal)
+    events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+    agent = Agent(cfg, pub, journal, uploads, events, recorder_factory=new_recorder)
+    if ffmpeg_ok:
+        assert agent.resolve_ffmpeg() is None  # ffmpeg and ffprobe are installed
+    return Harness(agent, pub, uploads, recorders, journal, tmp)
+
+
 @pytest.fixture
 def build(tmp_path: Path) -> Iterator[Callable[..., Harness]]:
     journals: list[Journal] = []
 
     def factory(storage: dict[str, Any] | None = None, *, ffmpeg_ok: bool = True, **sections: Any) -> Harness:
         cfg = make_config(tmp_path, storage, **sections)
-        pub = FakePublisher()
-        uploads = FakeUploads()
-        recorders: list[FakeRecorder] = []
-
-        def new_recorder(spec: RecordingSpec, post: Callable[[RecorderEvent], None], finalise_only: bool) -> Any:
-            rec = FakeRecorder(spec, post, finalise_only)
-            recorders.append(rec)
-            return rec
-
-        journal = Journal(tmp_path / "rec" / ".edge-agent.sqlite3")
-        journals.append(journal)
-        events: queue.SimpleQueue[Event] = queue.SimpleQueue()
-        agent = Agent(cfg, pub, journal, uploads, events, recorder_factory=new_recorder)
-        if ffmpeg_ok:
-            assert agent.resolve_ffmpeg() is None  # ffmpeg and ffprobe are installed
-        return Harness(agent, pub, uploads, recorders, journal, tmp_path)
+        return make_harness(tmp_path, cfg, FakePublisher(), journals, ffmpeg_ok=ffmpeg_ok)
 
     yield factory
     for j in journals:

@@ -10,23 +10,21 @@ HA requirements checked here (MQTT discovery docs, device-based discovery on
 from __future__ import annotations
 
 import json
-import queue
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_unit_agent import FakePublisher, FakeRecorder, FakeUploads, Harness
+from test_unit_agent import FakePublisher, Harness, make_harness
 
 from edge_agent import __version__, discovery
-from edge_agent.agent import Agent, Event
 from edge_agent.config import AgentConfig, parse_config
 from edge_agent.errors import ConfigError
 from edge_agent.journal import Journal
 from edge_agent.messages import parse_switch, transition_events
 from edge_agent.mqtt import Connected, MessageReceived
-from edge_agent.recorder import Interrupted, MediaStarted, RecorderEvent, RecordingFailed, RecordingSpec
+from edge_agent.recorder import Interrupted, MediaStarted, RecordingFailed
 from edge_agent.uploads import UploadFinished
 
 P_D = "edge/edge-01"
@@ -62,21 +60,7 @@ def build(tmp_path: Path) -> Iterator[Callable[..., Harness]]:
         cfg = config(tmp_path, **extra)
         if storage:
             cfg = cfg.model_copy(update={"storage": cfg.storage.model_copy(update=storage)})
-        pub = SubscribingPublisher()
-        recorders: list[FakeRecorder] = []
-
-        def new_recorder(spec: RecordingSpec, post: Callable[[RecorderEvent], None], finalise_only: bool) -> Any:
-            rec = FakeRecorder(spec, post, finalise_only)
-            recorders.append(rec)
-            return rec
-
-        journal = Journal(tmp_path / "rec" / ".edge-agent.sqlite3")
-        journals.append(journal)
-        events: queue.SimpleQueue[Event] = queue.SimpleQueue()
-        uploads = FakeUploads()
-        agent = Agent(cfg, pub, journal, uploads, events, recorder_factory=new_recorder)
-        assert agent.resolve_ffmpeg() is None
-        return Harness(agent, pub, uploads, recorders, journal, tmp_path)
+        return make_harness(tmp_path, cfg, SubscribingPublisher(), journals)
 
     yield factory
     for j in journals:
