@@ -445,6 +445,14 @@ def _concat(spec: RecordingSpec, segments: list[Path], part: Path) -> str | None
     return None
 
 
+def _join(spec: RecordingSpec, segments: list[Path], part: Path) -> tuple[str | None, ffmpeg.FileInfo | None]:
+    """Concat `segments` into `part` and probe it: (error, info of the joined file)."""
+    if not segments:
+        return "no readable segments", None
+    error = _concat(spec, segments, part)
+    return error, None if error else _probe_file(spec.ffprobe, part, spec.probe_timeout)
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -501,11 +509,7 @@ def finalise_segments(
         segments, rejected, expected = _screen(spec, segments)
     else:
         expected = sum(known_seconds.get(s.name, 0.0) for s in segments)
-    error = None if segments else "no readable segments"
-    info = None
-    if segments:
-        error = _concat(spec, segments, part)
-        info = None if error else _probe_file(spec.ffprobe, part, spec.probe_timeout)
+    error, info = _join(spec, segments, part)
     if error is not None and error.startswith(JOIN_TIMED_OUT):
         # A stuck disk, not damaged media: probing every segment would only add load. The segments
         # stay on disk (they are deleted only after a good join).
@@ -515,10 +519,7 @@ def finalise_segments(
         log.warning("%s: joined file short or unreadable (%s); checking each segment", spec.task_id,
                     error or f"{info.duration if info else 0:.1f} s of {expected:.1f} s")  # fmt: skip
         segments, rejected, expected = _screen(spec, segments)
-        error = None if segments else "no readable segments"
-        if segments:
-            error = _concat(spec, segments, part)
-            info = None if error else _probe_file(spec.ffprobe, part, spec.probe_timeout)
+        error, info = _join(spec, segments, part)
     if rejected:
         _set_aside(spec, rejected)
     if error is not None or info is None or info.duration <= 0:
