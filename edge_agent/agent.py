@@ -30,6 +30,7 @@ from edge_agent.messages import (
     UPLOAD_STATUSES,
     Command,
     dumps,
+    event_doc,
     parse_command,
     parse_switch,
     request_id_of,
@@ -295,12 +296,10 @@ class Agent:
             case SegmentClosed(task_id=tid, path=path, seconds=seconds):
                 task = self._tasks.get(tid)
                 if task is not None and self.cfg.recording.segment_events:
-                    seg: dict[str, Any] = {
-                        "event": "segment", "camera_id": task.camera_id, "task_name": task.task_name,
-                        "device_id": task.device_id, "at": iso(utc_now()), "path": str(path),
-                        "seconds": round(seconds, 3),
-                    }  # fmt: skip
-                    self._pub.publish(self.topics.events(task.camera_id), dumps(seg), retain=False)
+                    self._publish_event(event_doc(
+                        "segment", task.camera_id, task.task_name, task.device_id, iso(utc_now()),
+                        path=str(path), seconds=round(seconds, 3),
+                    ))  # fmt: skip
             case Interrupted(task_id=tid, count=count, reason=reason):
                 task = self._tasks.get(tid)
                 if task is not None:
@@ -572,7 +571,11 @@ class Agent:
             self._refresh_metrics()
         # Flow events follow the status they announce (journaled and published just above).
         for event in transition_events(old_status, task.status_doc(), iso(task.updated)):
-            self._pub.publish(self.topics.events(task.camera_id), dumps(event), retain=False)
+            self._publish_event(event)
+
+    def _publish_event(self, event: dict[str, Any]) -> None:
+        """A flow event on `P/D/C/events` (not retained: the retained status is the state)."""
+        self._pub.publish(self.topics.events(event["camera_id"]), dumps(event), retain=False)
 
     def _publish(self, task: Task) -> None:
         """Journal, then publish the task topic and (if newest) the camera's status topic."""

@@ -128,6 +128,12 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
 FINALISED_STATUSES = UPLOAD_STATUSES | {"completed"}
 
 
+def event_doc(kind: str, camera_id: Any, task_name: Any, device_id: Any, at: str, **fields: Any) -> dict[str, Any]:
+    """One `P/D/C/events` payload: the fields every event has, then the kind's own."""
+    return {"event": kind, "camera_id": camera_id, "task_name": task_name, "device_id": device_id, "at": at,
+            **fields}  # fmt: skip
+
+
 def transition_events(old_status: str, doc: dict[str, Any], at: str) -> list[dict[str, Any]]:
     """The flow events one status change causes, in order (a local recording that finishes yields
     `stopped` then `completed`). `doc` is the task's status document after the change."""
@@ -143,10 +149,6 @@ def transition_events(old_status: str, doc: dict[str, Any], at: str) -> list[dic
         kinds.append(new)
     out = []
     for kind in kinds:
-        event: dict[str, Any] = {"event": kind, "camera_id": doc.get("camera_id"), "task_name": doc.get("task_name"),
-                                 "device_id": doc.get("device_id"), "at": at}  # fmt: skip
-        for key in EVENT_FIELDS[kind]:
-            if doc.get(key) is not None:
-                event[key] = doc[key]
-        out.append(event)
+        extra = {key: doc[key] for key in EVENT_FIELDS[kind] if doc.get(key) is not None}
+        out.append(event_doc(kind, doc.get("camera_id"), doc.get("task_name"), doc.get("device_id"), at, **extra))
     return out
