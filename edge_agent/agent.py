@@ -20,23 +20,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from edge_agent import __version__, discovery, ffmpeg
-from edge_agent.config import AgentConfig
-from edge_agent.errors import CommandError, FFmpegNotFound, RecordingError
+from edge_agent import __version__, discovery, ffmpeg, names
+from edge_agent.config import CAMERA_ID_RE, AgentConfig, secret_values
+from edge_agent.errors import FFmpegNotFound, RecordingError
 from edge_agent.journal import Journal
+from edge_agent.limits import InboundGate, TokenBucket
 from edge_agent.messages import (
     ACTIVE_STATUSES,
     TERMINAL_STATUSES,
     UPLOAD_STATUSES,
     Command,
+    decode_command,
     dumps,
     event_doc,
-    parse_command,
-    parse_switch,
-    request_id_of,
     transition_events,
 )
-from edge_agent.mqtt import CommandReceived, Connected, Disconnected, MessageReceived, MqttEvent
+from edge_agent.mqtt import CommandReceived, Connected, Disconnected, MessageReceived, MqttEvent, OutboxReady
 from edge_agent.recorder import (
     Interrupted,
     MediaStarted,
@@ -49,6 +48,7 @@ from edge_agent.recorder import (
     SegmentClosed,
     probe_camera,
 )
+from edge_agent.redact import redact
 from edge_agent.tasks import Task, iso, stamp, utc_now
 from edge_agent.topics import DiscoveryTopics, Topics
 from edge_agent.uploads import UploadAttempt, UploadEvent, UploadFailed, UploadFinished, UploadRetrying
@@ -84,10 +84,20 @@ class Subscriber(Protocol):
     def add_subscription(self, topic: str) -> None: ...
 
 
+@runtime_checkable
+class PublishStats(Protocol):
+    """Optional: a publisher that counts what it could not deliver and holds retained values that
+    did not fit its queue until there is room (the MQTT link does)."""
+
+    def publish_stats(self) -> dict[str, int]: ...
+    def flush_held(self) -> int: ...
+
+
 class UploadSubmitter(Protocol):
     def submit(self, task_id: str, path: Path, object_name: str, sha256: str, size: int,
                created: float, attempts_before: int = 0) -> None: ...  # fmt: skip
     def stop(self, timeout: float) -> None: ...
+    def presign(self, object_name: str) -> str: ...
 
 
 RecorderFactory = Callable[[RecordingSpec, Callable[[RecorderEvent], None], bool], Recorder]
@@ -108,6 +118,7 @@ class Agent:
         uploads: UploadSubmitter | None,
         events: queue.SimpleQueue[Event],
         recorder_factory: RecorderFactory = _default_recorder,
+        gate: InboundGate | None = None,
     ) -> None:
         self.cfg = cfg
         self.topics = Topics(cfg.mqtt.topic_prefix, cfg.device_id)
@@ -130,6 +141,11 @@ class Agent:
         self._ffprobe: str | None = None
         self._ffmpeg_error: str | None = None
         self._secrets = self._collect_secrets()
+        self._gate = gate
+        self._url_retained = cfg.storage.download_url == "retained"
+        self._buckets: dict[str, TokenBucket] = {}  # camera ("" for unknown ones) -> command rate
+        self._limited_replies: dict[str, TokenBucket] = {}  # camera -> budget of rate_limited replies
+        self._counters = {"commands_received": 0, "commands_rate_limited": 0, "commands_unanswered": 0}
         self._handlers: dict[str, Callable[[str, Command], tuple[dict[str, Any], bool]]] = {
             "start": self._cmd_start,
             "stop": self._cmd_stop,
@@ -148,16 +164,15 @@ class Agent:
     # ---- start-up --------------------------------------------------------------------------
 
     def _collect_secrets(self) -> tuple[str, ...]:
-        out: list[str] = []
-        for cam in self.cfg.cameras.values():
-            url = cam.url.get_secret_value()
-            if "@" in url and "://" in url:
-                userinfo = url.split("://", 1)[1].split("@", 1)[0]
-                out.extend(p for p in userinfo.split(":", 1)[1:] if p)
-        for secret in (self.cfg.mqtt.password, self.cfg.storage.secret_key):
-            if secret is not None:
-                out.append(secret.get_secret_value())
-        return tuple(out)
+        return secret_values(self.cfg)
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret value of the configuration, for redaction (logs, replies, statuses)."""
+        return self._secrets
+
+    def _redact(self, text: str) -> str:
+        return redact(text, self._secrets)
 
     def resolve_ffmpeg(self) -> str | None:
         """Find FFmpeg/ffprobe; on failure keep running and answer starts with the reason."""
@@ -193,7 +208,7 @@ class Agent:
                         probesize=rc.probesize, probe_timeout=rc.probe_timeout_seconds,
                     ))  # fmt: skip
                 except RecordingError as exc:
-                    log.info("camera %s not probed at start-up: %s", cam, ffmpeg.redact(str(exc), self._secrets))
+                    log.info("camera %s not probed at start-up: %s", cam, self._redact(str(exc)))
 
         thread = threading.Thread(target=run, name="probe", daemon=True)
         thread.start()
@@ -201,6 +216,8 @@ class Agent:
 
     def recover(self) -> None:
         """Rebuild state from the journal: finalise interrupted recordings, resume pending uploads."""
+        for task_id, reason in self._journal.quarantine(_journal_name_problem):
+            log.error("journal: task %r quarantined (%s); it will not be recovered or republished", task_id, reason)
         for camera in self.cfg.cameras:
             for task in reversed(self._journal.latest(camera, self.cfg.mqtt.retained_tasks_per_camera)):
                 self._remember(task)
@@ -284,6 +301,9 @@ class Agent:
                 if topic == self.ha_topics.ha_status and payload.strip().lower() == b"online":
                     log.info("Home Assistant came online: publishing discovery")
                     self._publish_discovery()
+            case OutboxReady():
+                if isinstance(self._pub, PublishStats):
+                    self._pub.flush_held()
             case Disconnected():
                 log.info("broker connection lost; recordings continue, statuses are republished later")
             case Probed(camera_id=cam, mode=mode, detail=detail):
@@ -325,7 +345,8 @@ class Agent:
                 if task is not None:
                     self._update(
                         task, status="uploaded", bucket=event.bucket, object_name=event.object_name,
-                        download_url=event.download_url or None, local_file_deleted=event.local_file_deleted,
+                        download_url=(event.download_url or None) if self._url_retained else None,
+                        local_file_deleted=event.local_file_deleted,
                         upload_attempts=event.attempts, next_retry_at=None, error=None,
                     )  # fmt: skip
             case UploadFailed(task_id=tid, error=error, attempts=n):
@@ -338,36 +359,77 @@ class Agent:
     # ---- commands --------------------------------------------------------------------------
 
     def _on_command(self, ev: CommandReceived) -> None:
+        """Limits first (rate, size), then one decode, then the response topic, then the handler."""
+        if self._gate is not None:
+            self._gate.done()
         camera = ev.camera_id
+        self._counters["commands_received"] += 1
+        bucket = self._buckets.get(camera if camera in self.cfg.cameras else "")
+        if bucket is None:  # unknown cameras share one bucket: random camera ids buy no extra rate
+            bucket = self._buckets[camera if camera in self.cfg.cameras else ""] = self._new_bucket()
+        if not bucket.take():
+            self._on_rate_limited(camera, bucket, ev)
+            return
+        decoded = decode_command(ev.payload, self.cfg.mqtt.max_payload_bytes)
+        rid = decoded.command.request_id if decoded.command is not None else decoded.request_id
+        if ev.response_topic is not None:
+            problem = self.topics.response_topic_problem(
+                ev.response_topic, [*self.cfg.mqtt.response_topics], self.cfg.homeassistant.discovery_prefix
+            )
+            if problem:
+                log.warning("command on %s refused: response topic %r: %s", camera, ev.response_topic, problem)
+                doc = {"status": "rejected", "camera_id": camera,
+                       "error": f"response topic refused ({problem}); the command was not executed"}  # fmt: skip
+                self._send_reply(camera, doc, False, rid, ev, respond=False)
+                return
         if camera not in self.cfg.cameras:
-            rid = request_id_of(ev.payload)
             doc = {"status": "error", "camera_id": camera, "error": f"camera {camera!r} is not configured"}
             self._send_reply(camera, doc, False, rid, ev)
             return
-        switch = parse_switch(ev.payload)
-        if switch is not None:
-            cmd = self._switch_command(camera, switch)
+        if decoded.switch is not None:
+            cmd = self._switch_command(camera, decoded.switch)
+        elif decoded.command is None:
+            doc = {"status": "rejected", "camera_id": camera, "error": decoded.error or "invalid command"}
+            self._send_reply(camera, doc, False, rid, ev)
+            return
         else:
-            try:
-                cmd = parse_command(ev.payload, self.cfg.mqtt.max_payload_bytes)
-            except CommandError as exc:
-                doc = {"status": "rejected", "camera_id": camera, "error": str(exc)}
-                self._send_reply(camera, doc, False, request_id_of(ev.payload), ev)
-                return
+            cmd = decoded.command
         if cmd.request_id is not None:
             seen = self._replies.get((camera, cmd.request_id))
             if seen is not None:
                 # Redelivered (QoS 1 / persistent session): answer again, execute once.
-                log.info("duplicate request %s on %s: replying without re-executing", cmd.request_id, camera)
+                log.info("duplicate request %r on %s: replying without re-executing", cmd.request_id, camera)
                 self._pub.reply(seen[1], seen[0], ev.response_topic, ev.correlation_data)
                 return
-        log.info("command %s on %s (task %r, request %s)", cmd.action, camera, cmd.task_name, cmd.request_id)
+        log.info("command %s on %s (task %r, request %r)", cmd.action, camera, cmd.task_name, cmd.request_id)
         try:
             doc, ok = self._handlers[cmd.action](camera, cmd)
         except Exception as exc:
             log.exception("command %s on %s failed", cmd.action, camera)
-            doc, ok = {"status": "error", "camera_id": camera, "error": f"internal error: {exc}"}, False
+            doc, ok = {"status": "error", "camera_id": camera,
+                       "error": f"internal error: {self._redact(str(exc))}"}, False  # fmt: skip
         self._send_reply(camera, doc, ok, cmd.request_id, ev)
+
+    def _new_bucket(self) -> TokenBucket:
+        return TokenBucket(self.cfg.mqtt.commands_per_second, self.cfg.mqtt.command_burst)
+
+    def _on_rate_limited(self, camera: str, bucket: TokenBucket, ev: CommandReceived) -> None:
+        """Over the camera's command rate: answer `rate_limited` while the reply budget (a second
+        bucket of the same size) lasts, then only count, so a flood cannot become a reply flood."""
+        key = camera if camera in self.cfg.cameras else ""
+        replies = self._limited_replies.get(key)
+        if replies is None:
+            replies = self._limited_replies[key] = self._new_bucket()
+        if not replies.take():
+            self._counters["commands_unanswered"] += 1
+            return
+        self._counters["commands_rate_limited"] += 1
+        doc = {"status": "rate_limited", "camera_id": camera,
+               "error": f"more than {self.cfg.mqtt.commands_per_second:g} commands per second for this camera "
+               f"(burst {self.cfg.mqtt.command_burst}); the command was not executed",
+               "retry_after_seconds": round(max(bucket.seconds_to_next(), 0.001), 3)}  # fmt: skip
+        # Not parsed (that is the work being limited), so no request_id and no response topic.
+        self._send_reply(camera, doc, False, None, ev, respond=False)
 
     def _switch_command(self, camera: str, action: Literal["start", "stop"]) -> Command:
         """A plain ON/OFF (start/stop) acts on whatever the camera runs: ON while busy is the
@@ -382,8 +444,9 @@ class Agent:
         return Command(action="stop", task_name=running)
 
     def _send_reply(
-        self, camera: str, doc: dict[str, Any], ok: bool, request_id: str | None, ev: CommandReceived
-    ) -> None:
+        self, camera: str, doc: dict[str, Any], ok: bool, request_id: str | None, ev: CommandReceived,
+        respond: bool = True,
+    ) -> None:  # fmt: skip
         body = dict(doc)
         body["ok"] = ok
         if request_id is not None:
@@ -394,7 +457,7 @@ class Agent:
             self._replies[(camera, request_id)] = (payload, topic)
             while len(self._replies) > DEDUP_REQUESTS:
                 self._replies.popitem(last=False)
-        self._pub.reply(topic, payload, ev.response_topic, ev.correlation_data)
+        self._pub.reply(topic, payload, ev.response_topic if respond else None, ev.correlation_data)
 
     def _cmd_start(self, camera: str, cmd: Command) -> tuple[dict[str, Any], bool]:
         assert cmd.task_name is not None
@@ -450,14 +513,25 @@ class Agent:
         task = self._latest.get(camera)
         if task is None:
             return {"status": "idle", "camera_id": camera, "device_id": self.cfg.device_id}, True
-        return task.status_doc(), True
+        return self._reply_doc(task), True
 
     def _cmd_query(self, camera: str, cmd: Command) -> tuple[dict[str, Any], bool]:
         assert cmd.task_name is not None
         task = self._find(camera, cmd.task_name)
         if task is None:
             return {"status": "not_found", "camera_id": camera, "task_name": cmd.task_name}, False
-        return task.status_doc(), True
+        return self._reply_doc(task), True
+
+    def _reply_doc(self, task: Task) -> dict[str, Any]:
+        """A task's status for a reply: with `storage.download_url: replies`, plus a freshly presigned
+        URL (valid `presign_seconds` from now), which then never sits on a retained topic."""
+        doc = task.status_doc()
+        if (self.cfg.storage.download_url == "replies" and task.status == "uploaded" and task.object_name
+                and self._uploads is not None):  # fmt: skip
+            url = self._uploads.presign(task.object_name)
+            if url:
+                doc["download_url"] = url
+        return doc
 
     # ---- recordings ------------------------------------------------------------------------
 
@@ -561,6 +635,9 @@ class Agent:
 
     def _update(self, task: Task, **changes: Any) -> None:
         old_status = task.status
+        for key in ("error", "last_upload_error", "stop_reason"):  # text from FFmpeg, S3 and exceptions
+            if isinstance(changes.get(key), str):
+                changes[key] = self._redact(changes[key])
         for key, value in changes.items():
             setattr(task, key, value)
         task.updated = utc_now()
@@ -684,8 +761,19 @@ class Agent:
             # Below the floor new starts are refused (`rejected`); operators see it here first.
             "disk_below_floor": disk_free is not None and disk_free < self.cfg.storage.min_free_bytes,
             "ffmpeg_restarts": self._ffmpeg_restarts,
+            **self._command_counters(),
             "updated_at": iso(utc_now()),
         }
+
+    def _command_counters(self) -> dict[str, int]:
+        """What hostile or excessive traffic cost: commands received, rate-limited, left unanswered
+        (over the reply budget or shed by the inbound gate), publishes the link had to drop."""
+        out = dict(self._counters)
+        if self._gate is not None:
+            out["commands_unanswered"] += self._gate.shed
+        if isinstance(self._pub, PublishStats):
+            out.update(self._pub.publish_stats())
+        return out
 
     def _publish_telemetry(self) -> None:
         doc = self._telemetry_doc()
@@ -748,6 +836,17 @@ class Agent:
                 event = self.events.get_nowait()
                 if not isinstance(event, Shutdown):
                     self.handle(event)
+
+
+def _journal_name_problem(camera_id: str, task_name: str) -> str | None:
+    """Why a journaled task's names break the naming rule (see `names`), or None."""
+    if not CAMERA_ID_RE.match(camera_id):
+        return f"camera id {camera_id!r} is not 1-64 of letters, digits, '_' or '-'"
+    try:
+        names.check_name(task_name)
+    except names.InvalidName as exc:
+        return str(exc)
+    return None
 
 
 def _free_bytes(path: Path) -> int:

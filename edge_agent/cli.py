@@ -19,11 +19,13 @@ from types import FrameType
 
 from edge_agent import __version__, ctl, ffmpeg, notify
 from edge_agent.agent import Agent, Event, Shutdown
-from edge_agent.config import AgentConfig, load_config
+from edge_agent.config import AgentConfig, load_config, secret_values
 from edge_agent.errors import ConfigError
 from edge_agent.journal import Journal
+from edge_agent.limits import InboundGate
 from edge_agent.metrics import MetricsServer
 from edge_agent.mqtt import MqttLink
+from edge_agent.redact import redact
 from edge_agent.topics import Topics
 from edge_agent.uploads import MinioStore, UploadPool
 
@@ -33,19 +35,18 @@ JOURNAL_NAME = ".edge-agent.sqlite3"
 EXIT_CONFIG = 2
 
 
-class RedactingFilter(logging.Filter):
-    """Last line of defence: strips URL credentials and known secrets from every log record."""
+class RedactingFormatter(logging.Formatter):
+    """Last line of defence: formats with `inner`, then strips URL credentials, query-string
+    credentials and every known secret from the *whole* line, traceback text included (a filter
+    sees only the message, not the exception text formatted after it)."""
 
-    def __init__(self, secrets: tuple[str, ...] = ()) -> None:
+    def __init__(self, inner: logging.Formatter, secrets: tuple[str, ...] = ()) -> None:
         super().__init__()
+        self.inner = inner
         self.secrets = secrets
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        clean = ffmpeg.redact(msg, self.secrets)
-        if clean != msg:
-            record.msg, record.args = clean, None
-        return True
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(self.inner.format(record), self.secrets)
 
 
 class JsonFormatter(logging.Formatter):
@@ -70,14 +71,14 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, ensure_ascii=False)
 
 
-def setup_logging(level: str, fmt: str, secrets: tuple[str, ...] = ()) -> RedactingFilter:
+def setup_logging(level: str, fmt: str, secrets: tuple[str, ...] = ()) -> RedactingFormatter:
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s"))
-    redactor = RedactingFilter(secrets)
-    handler.addFilter(redactor)
+    inner = (
+        JsonFormatter() if fmt == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
+    )  # fmt: skip
+    redactor = RedactingFormatter(inner, secrets)
+    handler.setFormatter(redactor)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -138,7 +139,7 @@ def start_watchdog(events: HeartbeatQueue, stopping: threading.Event) -> notify.
     return notify.Watchdog(seconds / 2, alive).start()
 
 
-def run_agent(cfg: AgentConfig, redactor: RedactingFilter) -> int:
+def run_agent(cfg: AgentConfig, redactor: RedactingFormatter) -> int:
     events = HeartbeatQueue()
     stopping = threading.Event()
     output_dir = cfg.recording.output_dir.resolve()
@@ -147,10 +148,10 @@ def run_agent(cfg: AgentConfig, redactor: RedactingFilter) -> int:
     pool = None
     if cfg.storage.type == "minio":
         pool = UploadPool(MinioStore(cfg.storage), cfg.storage, events.put)
-    client_id = cfg.mqtt.client_id or f"edge-agent-{cfg.device_id}"
-    link = MqttLink(cfg.mqtt, Topics(cfg.mqtt.topic_prefix, cfg.device_id), client_id, events.put)
-    agent = Agent(cfg, link, journal, pool, events)
-    redactor.secrets = agent._secrets
+    gate = InboundGate(cfg.mqtt.inbound_queue)
+    link = MqttLink(cfg.mqtt, Topics(cfg.mqtt.topic_prefix, cfg.device_id), cfg.mqtt_client_id(), events.put, gate)
+    agent = Agent(cfg, link, journal, pool, events, gate=gate)
+    redactor.secrets = agent.secrets
     err = agent.resolve_ffmpeg()
     if err:
         log.error("%s; start commands will be answered with this error", err)
@@ -222,5 +223,5 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"{args.config}: invalid configuration:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
-    redactor = setup_logging(args.log_level or cfg.log_level, args.log_format)
+    redactor = setup_logging(args.log_level or cfg.log_level, args.log_format, secret_values(cfg))
     return run_agent(cfg, redactor)

@@ -13,7 +13,9 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from edge_agent import names, redact
 from edge_agent.errors import ConfigError
 
 CAMERA_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -21,6 +23,8 @@ DEVICE_ID_RE = CAMERA_ID_RE
 TOPIC_PREFIX_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
 
 VideoMode = Literal["auto", "copy", "transcode"]
+# Node-RED's and common request/response conventions; never another application's command topics.
+DEFAULT_RESPONSE_TOPICS = ("nodered/#", "responses/#", "+/responses/#")
 
 
 class _Model(BaseModel):
@@ -28,13 +32,58 @@ class _Model(BaseModel):
 
 
 class TlsConfig(_Model):
-    """TLS to the broker; off by default (LAN brokers), on for anything crossing the internet."""
+    """TLS to the broker; off by default (LAN brokers), on for anything crossing the internet.
+
+    Any other `tls.*` key given while `enabled` is false is an error: a half-written TLS section must
+    not quietly connect in plaintext.
+    """
 
     enabled: bool = False
     ca_file: Path | None = Field(None, description="CA bundle; the system store when null")
-    cert_file: Path | None = Field(None, description="client certificate for mutual TLS")
-    key_file: Path | None = None
+    cert_file: Path | None = Field(None, description="client certificate (PEM) for mutual TLS; may hold the key")
+    key_file: Path | None = Field(None, description="the client certificate's private key (PEM)")
+    key_password: SecretStr | None = Field(None, description="password of an encrypted key_file")
+    alpn_protocols: list[str] = Field(
+        default_factory=list, description='ALPN protocols, e.g. ["x-amzn-mqtt-ca"] for AWS IoT Core on port 443'
+    )
     insecure: bool = Field(False, description="skip hostname verification (testing only)")
+
+    @field_validator("alpn_protocols")
+    @classmethod
+    def _alpn(cls, v: list[str]) -> list[str]:
+        for proto in v:
+            if not proto or len(proto.encode()) > 255 or not proto.isascii():
+                raise ValueError(f"{proto!r} is not an ALPN protocol name (1-255 ASCII bytes)")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TlsConfig:
+        if not self.enabled:
+            given = sorted(self.model_fields_set - {"enabled"})
+            if given:
+                # One error per key, located at the key itself (`mqtt.tls.ca_file: ...`); the value is
+                # left out of the error (key_password is a secret).
+                raise ValidationError.from_exception_data(
+                    "TlsConfig",
+                    [
+                        InitErrorDetails(
+                            type=PydanticCustomError(
+                                "tls_disabled",
+                                "given while tls.enabled is false; set enabled: true or remove it "
+                                "(no silent plaintext fallback)",
+                            ),
+                            loc=(key,),
+                            input=key,
+                        )
+                        for key in given
+                    ],
+                )
+            return self
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file needs cert_file (the client certificate)")
+        if self.key_password is not None and self.cert_file is None:
+            raise ValueError("key_password needs cert_file and key_file")
+        return self
 
 
 class MqttConfig(_Model):
@@ -49,10 +98,16 @@ class MqttConfig(_Model):
     username: str | None = None
     password: SecretStr | None = None
     topic_prefix: str = "edge"
-    client_id: str | None = Field(None, description="default: edge-agent-<device_id>; must be stable")
+    client_id: str | None = Field(
+        None,
+        description="must be stable; default: the username when one is set (brokers with "
+        "use_username_as_clientid tie the session to the credentials), else edge-agent-<device_id>",
+    )
     protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version")
     keepalive: int = Field(30, ge=5, le=3600)
-    qos: Literal[0, 1, 2] = Field(1, description="QoS of commands, replies and statuses")
+    qos: Literal[0, 1] = Field(
+        1, description="QoS of commands, replies and statuses (AWS IoT Core, Azure Event Grid and NATS refuse QoS 2)"
+    )
     session_expiry_seconds: int = Field(
         86400, ge=0, description="how long the broker keeps commands queued while the agent is offline"
     )
@@ -61,8 +116,35 @@ class MqttConfig(_Model):
     retained_tasks_per_camera: int = Field(
         20, ge=1, le=1000, description="retained P/D/C/tasks/<name> topics kept per camera"
     )
-    max_payload_bytes: int = Field(65536, ge=256, description="larger commands are rejected")
+    max_payload_bytes: int = Field(
+        65536, ge=256, le=1048576, description="larger commands are rejected before they are parsed"
+    )
+    response_topics: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_RESPONSE_TOPICS),
+        description="MQTT filters a v5 Response Topic must match (the agent's own <prefix>/<device>/_ctl/# "
+        "is always allowed); command, status, task, Home Assistant, '$' and wildcard topics never are",
+    )
+    commands_per_second: float = Field(5.0, gt=0, description="per-camera command rate; more get rate_limited")
+    command_burst: int = Field(20, ge=1, description="commands a camera may receive at once before the rate applies")
+    inbound_queue: int = Field(
+        1000, ge=10, description="commands waiting for the agent at most; more are shed (telemetry counts them)"
+    )
+    outbound_queue: int = Field(
+        10000, ge=100,
+        description="messages waiting for the broker at most; retained statuses are coalesced, never lost",
+    )
     tls: TlsConfig = TlsConfig()
+
+    @field_validator("response_topics")
+    @classmethod
+    def _response_topics(cls, v: list[str]) -> list[str]:
+        for item in v:
+            problem = names.valid_filter(item)
+            if problem:
+                raise ValueError(f"{item!r}: {problem}")
+            if item.startswith("$") or item.split("/")[0] == "#":
+                raise ValueError(f"{item!r}: must not be '#' or a '$' topic")
+        return v
 
     @field_validator("hosts")
     @classmethod
@@ -147,9 +229,17 @@ class StorageConfig(_Model):
     secret_key: SecretStr | None = None
     bucket: str = "recordings"
     secure: bool = False
+    ca_file: Path | None = Field(
+        None, description="CA bundle (PEM) to verify the S3 server with secure: true; the system store when null"
+    )
     region: str = Field("us-east-1", description="set so presigning needs no network round trip")
     delete_local_after_upload: bool = True
-    presign_seconds: int = Field(86400, ge=1, le=604800)
+    presign_seconds: int = Field(3600, ge=1, le=604800, description="lifetime of a presigned download_url")
+    download_url: Literal["retained", "replies", "none"] = Field(
+        "replies",
+        description="where the presigned URL is published: retained status/task topics, events and replies "
+        "(anyone who can read them can download), replies to status/query commands only, or nowhere",
+    )
     upload_workers: int = Field(2, ge=1, le=16)
     upload_order: Literal["oldest", "newest"] = "oldest"
     bandwidth_limit_bytes_per_second: int | None = Field(None, ge=1024)
@@ -164,6 +254,12 @@ class StorageConfig(_Model):
     retention_days: float | None = Field(
         None, gt=0, description="delete kept local copies of *uploaded* recordings after this age"
     )
+
+    @model_validator(mode="after")
+    def _ca_file(self) -> StorageConfig:
+        if self.ca_file is not None and not self.secure:
+            raise ValueError("storage.ca_file needs storage.secure: true (no silent plaintext fallback)")
+        return self
 
     @field_validator("bucket")
     @classmethod
@@ -237,6 +333,31 @@ class AgentConfig(_Model):
         cam = self.cameras[camera_id]
         return cam.video if cam.video is not None else self.recording.video
 
+    def mqtt_client_id(self) -> str:
+        """The agent's MQTT client id: `mqtt.client_id`, else the username, else `edge-agent-<device_id>`.
+
+        The username is the default because a broker with `use_username_as_clientid true` replaces the
+        client id with it anyway, and a client id tied to the credentials is what stops another client
+        from taking over the agent's persistent session and its queued commands. Only the agent uses
+        this: `edge-agent ctl` has its own random id, or it would disconnect the agent it commands.
+        """
+        if self.mqtt.client_id:
+            return self.mqtt.client_id
+        if self.mqtt.username:
+            return self.mqtt.username
+        return f"edge-agent-{self.device_id}"
+
+
+def secret_values(cfg: AgentConfig) -> tuple[str, ...]:
+    """Every secret value in the configuration (to be masked wherever it might reappear)."""
+    out: list[str] = []
+    for cam in cfg.cameras.values():
+        out.extend(redact.url_secrets(cam.url.get_secret_value()))
+    candidates: list[SecretStr | None] = [cfg.mqtt.password, cfg.storage.secret_key,
+                                          getattr(cfg.mqtt.tls, "key_password", None)]  # fmt: skip
+    out.extend(s.get_secret_value() for s in candidates if s is not None)
+    return tuple(dict.fromkeys(s for s in out if s))
+
 
 # Environment variables that override secrets (and the broker address) from the file.
 ENV_OVERRIDES: dict[str, tuple[str, str]] = {
@@ -264,6 +385,57 @@ def _apply_env(raw: dict[str, Any], env: dict[str, str]) -> None:
                 cam["url"] = env[var]
 
 
+# Secrets that may be given as `<key>_file`: a path whose file holds the value (Docker secrets,
+# systemd `LoadCredential=`; `$CREDENTIALS_DIRECTORY` and other variables in the path are expanded).
+SECRET_FILE_KEYS: tuple[tuple[str, ...], ...] = (
+    ("mqtt", "password"),
+    ("mqtt", "tls", "key_password"),
+    ("storage", "access_key"),
+    ("storage", "secret_key"),
+)
+
+
+def _read_secret_file(where: str, value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where}: must be a file path")
+    path = Path(os.path.expandvars(value)).expanduser()
+    try:
+        with path.open("r", encoding="utf-8") as fh:
+            text = fh.read(65536 + 1)
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: {path} is not UTF-8 text") from None
+    if len(text) > 65536:
+        raise ConfigError(f"{where}: {path} is larger than 64 KiB; it should hold one secret")
+    secret = text.rstrip("\r\n")
+    if not secret:
+        raise ConfigError(f"{where}: {path} is empty")
+    return secret
+
+
+def _apply_secret_files(raw: dict[str, Any]) -> None:
+    """Replace every `<key>_file` by the secret its file holds (both given: an error naming the key)."""
+    for path in SECRET_FILE_KEYS:
+        parent: Any = raw
+        for part in path[:-1]:
+            parent = parent.get(part) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict) or f"{path[-1]}_file" not in parent:
+            continue
+        where = ".".join(path) + "_file"
+        if parent.get(path[-1]) is not None:
+            raise ConfigError(f"{where}: give either {'.'.join(path)} or {where}, not both")
+        parent[path[-1]] = _read_secret_file(where, parent.pop(f"{path[-1]}_file"))
+    cameras = raw.get("cameras")
+    if isinstance(cameras, dict):
+        for cam_id, cam in cameras.items():
+            if isinstance(cam, dict) and "url_file" in cam:
+                where = f"cameras.{cam_id}.url_file"
+                if cam.get("url") is not None:
+                    raise ConfigError(f"{where}: give either cameras.{cam_id}.url or {where}, not both")
+                cam["url"] = _read_secret_file(where, cam.pop("url_file"))
+
+
 def format_validation_error(exc: ValidationError) -> str:
     """One line per bad key, as `mqtt.port: Input should be ...` (never echoing secret values)."""
     lines = []
@@ -277,6 +449,7 @@ def parse_config(raw: object, env: dict[str, str] | None = None) -> AgentConfig:
     """Validate an already-parsed YAML document (plus environment overrides)."""
     if not isinstance(raw, dict):
         raise ConfigError("the configuration must be a YAML mapping at the top level")
+    _apply_secret_files(raw)
     _apply_env(raw, dict(os.environ) if env is None else env)
     try:
         return AgentConfig.model_validate(raw)

@@ -21,7 +21,6 @@ import argparse
 import json
 import queue
 import secrets
-import ssl
 import sys
 import time
 import uuid
@@ -38,6 +37,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.config import AgentConfig, load_config
 from edge_agent.errors import ConfigError
+from edge_agent.mqtt import describe_connect_error
+from edge_agent.tls import client_context
 from edge_agent.topics import Topics
 
 EXIT_OK = 0
@@ -92,15 +93,11 @@ class _Conn:
         if self.cfg.username:
             pw = self.cfg.password.get_secret_value() if self.cfg.password else None
             self.client.username_pw_set(self.cfg.username, pw)
-        tls = self.cfg.tls
-        if tls.enabled:
-            self.client.tls_set(
-                ca_certs=str(tls.ca_file) if tls.ca_file else None,
-                certfile=str(tls.cert_file) if tls.cert_file else None,
-                keyfile=str(tls.key_file) if tls.key_file else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
-            self.client.tls_insecure_set(tls.insecure)
+        if self.cfg.tls.enabled:
+            try:
+                self.client.tls_set_context(client_context(self.cfg.tls))  # the agent's own TLS set-up
+            except ConfigError as exc:
+                raise CtlError(EXIT_USAGE, str(exc)) from None
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
@@ -147,10 +144,12 @@ class _Conn:
                     clean_start=True if self.v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
                 )  # fmt: skip
                 break
-            except (OSError, ValueError) as exc:
+            except OSError as exc:  # incl. ssl errors: the same one-line causes as the agent logs
+                errors.append(describe_connect_error(exc, host, port))
+            except ValueError as exc:
                 errors.append(f"{host}:{port}: {exc}")
         else:
-            raise CtlError(EXIT_TIMEOUT, "cannot reach the broker at " + "; ".join(errors))
+            raise CtlError(EXIT_TIMEOUT, "cannot reach the broker: " + "; ".join(errors))
         self.client.loop_start()
         self._wait_ack("connected", None, deadline)
 
@@ -228,7 +227,7 @@ def _command(args: argparse.Namespace, cfg: AgentConfig, topics: Topics) -> int:
         inbox = None
         corr = cmd["request_id"].encode()
         if conn.v5:
-            inbox = f"{topics.base}/_ctl/{conn.client_id}/reply"
+            inbox = topics.ctl_inbox(conn.client_id)
             conn.subscribe(inbox, deadline)
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.ResponseTopic = inbox

@@ -1,4 +1,4 @@
-"""Pure functions around FFmpeg: command lines, probe and progress parsing, credential redaction.
+"""Pure functions around FFmpeg: command lines, probe and progress parsing.
 
 Nothing here starts a process, so every command line is tested as a list.
 """
@@ -9,27 +9,31 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from edge_agent.errors import FFmpegNotFound
+from edge_agent.redact import redact
+
+__all__ = ["redact"]  # kept here for callers that redact FFmpeg output
 
 SEGMENT_PATTERN = "seg_%06d.ts"
 SEGMENT_GLOB = "seg_*.ts"
 # pix_fmts that every browser's H.264 decoder plays (yuvj420p is full-range yuv420p).
 BROWSER_PIX_FMTS = frozenset({"yuv420p", "yuvj420p"})
 
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/@\s]+@")
+CHILD_ENV_KEYS = ("PATH", "LANG", "LC_ALL", "TZ", "TMPDIR")
 
 
-def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
-    """Remove user:password from every URL in `text`, and any known secret value."""
-    text = _URL_CREDENTIALS.sub(r"\g<scheme>***@", text)
-    for secret in secrets:
-        if secret and len(secret) >= 3:
-            text = text.replace(secret, "***")
-    return text
+def child_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment FFmpeg and ffprobe run with: only what they need, so secrets given to the
+    agent by environment (`EDGE_AGENT_*_PASSWORD`, cloud credentials) never reach a child process."""
+    source = os.environ if environ is None else environ
+    env = {key: source[key] for key in CHILD_ENV_KEYS if key in source}
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    return env
 
 
 def resolve_executable(configured: str, what: str = "ffmpeg") -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 from edge_agent.tasks import Task
@@ -23,6 +24,12 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_by_camera ON tasks (camera_id, started_at);
 CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status);
+CREATE TABLE IF NOT EXISTS quarantine (
+    task_id   TEXT NOT NULL,
+    reason    TEXT NOT NULL,
+    moved_at  TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+    record    TEXT NOT NULL
+);
 """
 
 
@@ -88,6 +95,28 @@ class Journal:
             (camera_id, camera_id, keep),
         )
         return cur.rowcount
+
+    def quarantine(self, problem: Callable[[str, str], str | None]) -> list[tuple[str, str]]:
+        """Move every task whose camera id or task name `problem` objects to out of `tasks` (kept in
+        the `quarantine` table for inspection), so it is never recovered or republished.
+
+        A journal written by an older version, or edited by hand, may hold names that would now
+        knock the agent off the broker (a noncharacter in a topic) or escape a directory.
+        """
+        moved = []
+        for task_id, camera_id, task_name, record in list(
+            self._db.execute("SELECT task_id, camera_id, task_name, record FROM tasks")
+        ):
+            reason = problem(str(camera_id), str(task_name))
+            if reason is None:
+                continue
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.execute("INSERT INTO quarantine (task_id, reason, record) VALUES (?, ?, ?)",
+                                 (task_id, reason, record))  # fmt: skip
+                self._db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
+            moved.append((str(task_id), reason))
+        return moved
 
     def close(self) -> None:
         self._db.close()

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import unicodedata
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
+from edge_agent import names
 from edge_agent.errors import CommandError
 
 Action = Literal["start", "stop", "status", "query"]
@@ -21,8 +23,8 @@ ACTIVE_STATUSES = frozenset({"starting", "recording", "stopping"})
 UPLOAD_STATUSES = frozenset({"uploading", "upload_pending"})
 TERMINAL_STATUSES = frozenset({"uploaded", "completed", "failed"})
 
-MAX_TASK_NAME_BYTES = 120
-FORBIDDEN_TASK_CHARS = frozenset("/+#\\")
+MAX_TASK_NAME_BYTES = names.MAX_NAME_BYTES
+MAX_REQUEST_ID_CHARS = 200
 
 
 class Command(BaseModel):
@@ -32,38 +34,66 @@ class Command(BaseModel):
 
     action: Action
     task_name: StrictStr | None = None
-    request_id: StrictStr | None = Field(None, max_length=200)
-    max_seconds: StrictInt | None = Field(None, ge=1)
+    request_id: StrictStr | None = Field(None, max_length=MAX_REQUEST_ID_CHARS)
+    max_seconds: StrictInt | None = Field(None, ge=1, le=10**9)
 
 
 def validate_task_name(name: str) -> str:
-    """Return the task name if it is safe as a file name, object key and topic level."""
-    if not name or not name.strip():
-        raise CommandError("task_name must not be empty")
-    bad = sorted({c for c in name if c in FORBIDDEN_TASK_CHARS})
-    if bad:
-        raise CommandError(f"task_name must not contain {' '.join(repr(c) for c in bad)}")
-    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp") for c in name):
-        raise CommandError("task_name must not contain control or format characters")
-    if name in (".", "..") or name.startswith("."):
-        raise CommandError("task_name must not start with '.'")
-    if len(name.encode("utf-8")) > MAX_TASK_NAME_BYTES:
-        raise CommandError(f"task_name is longer than {MAX_TASK_NAME_BYTES} bytes of UTF-8")
-    return name
+    """Return the task name if it is safe as a file name, object key and topic level (`names`)."""
+    try:
+        return names.check_name(name, "task_name", MAX_TASK_NAME_BYTES)
+    except names.InvalidName as exc:
+        raise CommandError(str(exc)) from None
 
 
-def parse_command(payload: bytes, max_bytes: int) -> Command:
-    """Decode and validate a command payload."""
+def _clean_request_id(value: object) -> str | None:
+    """A request_id worth echoing: a short string without control, format or noncharacters (it is
+    logged and echoed; a newline in it would forge log lines)."""
+    if not isinstance(value, str) or not value or len(value) > MAX_REQUEST_ID_CHARS:
+        return None
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp") or names.is_noncharacter(c) for c in value):
+        return None
+    return value
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A command payload decoded once: the command, or why it was refused, plus the request_id to
+    echo (set whenever one could be read, so even a rejection can be matched by the sender)."""
+
+    command: Command | None
+    request_id: str | None = None
+    error: str | None = None
+    switch: Literal["start", "stop"] | None = None  # a plain ON/OFF payload
+
+
+def decode_command(payload: bytes, max_bytes: int) -> Decoded:
+    """Decode and validate a command payload exactly once, limits first.
+
+    The size is checked before anything is parsed; a plain switch word (`ON`/`OFF`) is recognised
+    next; then JSON, whose every failure (bad UTF-8, syntax, nesting too deep, integers too long
+    for Python's int-from-string limit) becomes an `error`, never an exception.
+    """
     if len(payload) > max_bytes:
-        raise CommandError(f"payload of {len(payload)} bytes exceeds the {max_bytes}-byte limit")
+        return Decoded(None, None, f"payload of {len(payload)} bytes exceeds the {max_bytes}-byte limit")
+    switch = parse_switch(payload)
+    if switch is not None:
+        return Decoded(None, switch=switch)
     try:
         raw = json.loads(payload.decode("utf-8"))
     except UnicodeDecodeError:
-        raise CommandError("payload is not UTF-8") from None
+        return Decoded(None, None, "payload is not UTF-8")
     except json.JSONDecodeError as exc:
-        raise CommandError(f"payload is not valid JSON: {exc.msg} at position {exc.pos}") from None
+        return Decoded(None, None, f"payload is not valid JSON: {exc.msg} at position {exc.pos}")
+    except RecursionError:
+        return Decoded(None, None, "payload is nested too deeply")
+    except ValueError as exc:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+        return Decoded(None, None, f"payload cannot be decoded: {str(exc)[:120]}")
     if not isinstance(raw, dict):
-        raise CommandError("payload must be a JSON object")
+        return Decoded(None, None, "payload must be a JSON object")
+    rid = _clean_request_id(raw.get("request_id"))
+    if "request_id" in raw and rid is None:
+        return Decoded(None, None, f"request_id must be a string of 1-{MAX_REQUEST_ID_CHARS} printable characters")
     try:
         cmd = Command.model_validate(raw)
     except ValidationError as exc:
@@ -71,27 +101,23 @@ def parse_command(payload: bytes, max_bytes: int) -> Command:
             f"{'.'.join(str(p) for p in e['loc']) or 'payload'}: {e['msg']}"
             for e in exc.errors(include_url=False, include_input=False)
         )
-        raise CommandError(problems) from None
-    if cmd.action in ("start", "stop", "query"):
-        if cmd.task_name is None:
-            raise CommandError(f"action {cmd.action!r} needs a task_name")
-        validate_task_name(cmd.task_name)
-    elif cmd.task_name is not None:
-        validate_task_name(cmd.task_name)
-    return cmd
+        return Decoded(None, rid, problems)
+    if cmd.action in ("start", "stop", "query") and cmd.task_name is None:
+        return Decoded(None, rid, f"action {cmd.action!r} needs a task_name")
+    if cmd.task_name is not None:
+        try:
+            validate_task_name(cmd.task_name)
+        except CommandError as exc:
+            return Decoded(None, rid, str(exc))
+    return Decoded(cmd, rid)
 
 
-def request_id_of(payload: bytes) -> str | None:
-    """Best-effort request_id of a payload that failed validation, so even a rejection can be matched."""
-    try:
-        raw = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if isinstance(raw, dict):
-        rid = raw.get("request_id")
-        if isinstance(rid, str) and len(rid) <= 200:
-            return rid
-    return None
+def parse_command(payload: bytes, max_bytes: int) -> Command:
+    """Decode and validate a JSON command payload, raising CommandError naming the problem."""
+    decoded = decode_command(payload, max_bytes)
+    if decoded.command is None:
+        raise CommandError(decoded.error or "a plain ON/OFF payload is not a JSON command")
+    return decoded.command
 
 
 def dumps(obj: dict[str, Any]) -> bytes:

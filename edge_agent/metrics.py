@@ -2,11 +2,19 @@
 
 The HTTP thread never touches agent state: the agent thread publishes an immutable snapshot
 (`Agent.metrics_snapshot`) after every state change, and the handler renders whatever it reads.
+
+Anyone on the LAN can open sockets to the endpoint (50 idle ones used to hold 50 threads for
+ever), so what clients can hold is bounded: at most `max_connections` connections are served at
+once (a handler thread and a deadline timer each; a connection over the cap is closed at once,
+without a thread), and each connection lives at most `timeout` seconds in total (an idle socket,
+or one that drips a byte now and then, is closed then). A scrape answers in milliseconds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import threading
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -53,11 +61,95 @@ def render(snapshot: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-class MetricsServer:
-    """`GET /metrics` on host:port in a daemon thread; `stop()` shuts it down (bounded)."""
+def _cut(conn: socket.socket) -> None:
+    """Wakes a handler blocked on ``conn`` (its read returns EOF); harmless once it is closed."""
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_RDWR)
 
-    def __init__(self, host: str, port: int, snapshot: Callable[[], Mapping[str, Any]]) -> None:
+
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, but at most ``max_connections`` of them, each cut after ``timeout`` s.
+
+    The per-socket timeout (the handler's ``timeout``) ends a connection that goes quiet; the
+    deadline timer also ends one that keeps sending a byte just before each timeout would fire.
+    """
+
+    daemon_threads = True
+    request_queue_size = 32  # listen backlog: a burst of connects is accepted (and refused) at once
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        *,
+        max_connections: int,
+        timeout: float,
+    ) -> None:
+        super().__init__(address, handler)
+        self.connection_timeout = timeout
+        self.max_connections = max_connections
+        self._lock = threading.Lock()
+        self.active = 0  # connections being served now
+        self.refused = 0  # connections closed at once for being over the cap
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._lock:
+            full = self.active >= self.max_connections
+            if full:
+                self.refused += 1
+            else:
+                self.active += 1
+        if full:
+            log.debug("metrics: connection from %s closed: %d already open", client_address, self.max_connections)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)  # starts the connection's thread
+        except BaseException:
+            self._release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        deadline = threading.Timer(self.connection_timeout, _cut, (request,))
+        deadline.daemon = True
+        deadline.start()
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            deadline.cancel()
+            self._release()
+
+    def _release(self) -> None:
+        with self._lock:
+            self.active -= 1
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver prints a traceback to stderr; a client that resets its connection is not news.
+        log.debug("metrics: connection from %s failed", client_address, exc_info=True)
+
+
+class MetricsServer:
+    """`GET /metrics` on host:port in a daemon thread; `stop()` shuts it down (bounded).
+
+    ``timeout`` bounds each connection's whole life and ``max_connections`` the connections (and
+    so threads) served at once; see the module docstring.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        snapshot: Callable[[], Mapping[str, Any]],
+        *,
+        timeout: float = 5.0,
+        max_connections: int = 8,
+    ) -> None:
+        conn_timeout = timeout
+
         class Handler(BaseHTTPRequestHandler):
+            # StreamRequestHandler.setup() puts this on the socket: no read or write waits longer.
+            timeout = conn_timeout
+
             def do_GET(self) -> None:
                 if self.path.split("?", 1)[0] != "/metrics":
                     self.send_error(404, "only /metrics is served")
@@ -72,13 +164,22 @@ class MetricsServer:
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("metrics: " + format, *args)  # noqa: G003
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
+        self._server = _BoundedHTTPServer((host, port), Handler, max_connections=max_connections, timeout=timeout)
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
 
     @property
     def port(self) -> int:
         return int(self._server.server_address[1])
+
+    @property
+    def active_connections(self) -> int:
+        """Connections being served now (each holds a thread)."""
+        return self._server.active
+
+    @property
+    def refused_connections(self) -> int:
+        """Connections closed at once because ``max_connections`` were already open."""
+        return self._server.refused
 
     def start(self) -> MetricsServer:
         self._thread.start()

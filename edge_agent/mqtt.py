@@ -15,17 +15,21 @@ import random
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edge_agent import names
 from edge_agent.config import MqttConfig
+from edge_agent.limits import InboundGate
+from edge_agent.tls import client_context
 from edge_agent.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -60,7 +64,82 @@ class MessageReceived:
     payload: bytes
 
 
-MqttEvent = Connected | Disconnected | CommandReceived | MessageReceived
+@dataclass(frozen=True)
+class OutboxReady:
+    """paho's queue has room again and retained values are waiting (`MqttLink.flush_held`)."""
+
+
+MqttEvent = Connected | Disconnected | CommandReceived | MessageReceived | OutboxReady
+
+PACKET_OVERHEAD = 4096  # fixed header, topic and v5 properties on top of a command's payload
+# v5 DISCONNECT reasons that blame what we sent: malformed packet, protocol error, not authorized,
+# topic name invalid, packet too large, payload format invalid.
+INPUT_REASONS = frozenset({0x81, 0x82, 0x87, 0x90, 0x95, 0x99})
+POISON_STRIKES = 3  # quick disconnects with the same message outstanding before it is dropped
+QUICK_SECONDS = 15.0
+
+
+class Outbox:
+    """Bookkeeping of what the link publishes: messages in flight, retained values waiting for room,
+    and counters. `lock` serialises the agent's publishes; `_mids_lock` (in-flight table) is the only
+    lock taken on paho's network thread, and never while holding paho's own lock in the other order.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.lock = threading.RLock()
+        self._mids_lock = threading.Lock()
+        self._inflight: dict[int, tuple[str, float]] = {}  # mid -> (topic, sent at)
+        self._held: dict[str, bytes] = {}  # topic -> newest retained payload not yet handed to paho
+        self._counters = {"publishes_refused": 0, "publishes_dropped": 0, "publishes_poisoned": 0,
+                          "retained_coalesced": 0}  # fmt: skip
+        self.ready_posted = False
+
+    def count(self, key: str, n: int = 1) -> None:
+        self._counters[key] += n
+
+    def stats(self) -> dict[str, int]:
+        out = dict(self._counters)
+        out["retained_waiting"] = len(self._held)
+        return out
+
+    def holds(self, topic: str) -> bool:
+        return topic in self._held
+
+    def hold(self, topic: str, payload: bytes) -> None:
+        if topic in self._held:
+            self._counters["retained_coalesced"] += 1
+        self._held[topic] = payload
+
+    def has_held(self) -> bool:
+        return bool(self._held)
+
+    def take_held(self, n: int) -> list[tuple[str, bytes]]:
+        with self.lock:
+            topics = list(self._held)[: max(0, n)]
+            return [(t, self._held.pop(t)) for t in topics]
+
+    def sent(self, mid: int, topic: str) -> None:
+        with self._mids_lock:
+            self._inflight[mid] = (topic, time.monotonic())
+
+    def done(self, mid: int) -> int:
+        """Called on paho's thread when `mid` is acknowledged; returns how many remain in flight."""
+        with self._mids_lock:
+            self._inflight.pop(mid, None)
+            return len(self._inflight)
+
+    def room(self) -> int:
+        with self._mids_lock:
+            return max(0, self.capacity // 2 - len(self._inflight))
+
+    def outstanding(self) -> dict[int, tuple[str, float]]:
+        with self._mids_lock:
+            return dict(self._inflight)
+
+    def forget(self, mid: int) -> None:
+        with self._mids_lock:
+            self._inflight.pop(mid, None)
 
 
 def catch_log_exception(func: Callable[P, None]) -> Callable[P, None]:
@@ -76,10 +155,88 @@ def catch_log_exception(func: Callable[P, None]) -> Callable[P, None]:
     return wrapper
 
 
+class _Client(paho.Client):
+    """paho's Client that remembers why the current connection attempt failed.
+
+    paho 2.x calls `on_connect_fail(client, userdata)` without the exception: `loop_forever
+    (retry_first_connection=True)` catches the OSError from `reconnect()` and logs only "Connection
+    failed, retrying" at DEBUG. And under TLS 1.3 a broker that rejects our client certificate (expired,
+    unknown CA) says so with an alert *after* the handshake, so it surfaces as a failed socket read that
+    paho turns into a plain lost connection. The first OSError of each attempt is kept here (with the
+    address dialled) so the link can say which it was: wrong CA, expired certificate, wrong host name...
+    """
+
+    attempt_error: OSError | None = None
+    attempt_address: tuple[str, int] = ("", 0)
+    attempt_reported = False
+
+    def reconnect(self) -> MQTTErrorCode:
+        self.attempt_error = None
+        self.attempt_reported = False
+        self.attempt_address = (self.host, self.port)
+        try:
+            return super().reconnect()
+        except OSError as exc:
+            self.attempt_error = exc
+            raise
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        try:
+            return super()._sock_recv(bufsize)
+        except BlockingIOError:
+            raise
+        except OSError as exc:
+            self.attempt_error = self.attempt_error or exc
+            raise
+
+    def _sock_send(self, buf: bytes | bytearray) -> int:
+        try:
+            return super()._sock_send(buf)
+        except BlockingIOError:
+            raise
+        except OSError as exc:
+            self.attempt_error = self.attempt_error or exc
+            raise
+
+
+def describe_connect_error(exc: OSError | None, host: str, port: int) -> str:
+    """One line saying why a connection attempt to the broker failed (no secrets: only the address).
+
+    e.g. "TLS handshake with broker 127.0.0.1:8883 failed: certificate verify failed: unable to get
+    local issuer certificate".
+    """
+    where = f"broker {host}:{port}"
+    if exc is None:
+        return f"{where} closed the connection before accepting it (no CONNACK)"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        detail = exc.verify_message or exc.reason or "unknown reason"
+        return f"TLS handshake with {where} failed: certificate verify failed: {detail}"
+    if isinstance(exc, ssl.SSLError):
+        text = str(exc)
+        if "(_ssl.c:" in text:
+            text = text[: text.rindex("(_ssl.c:")].rstrip()
+        if text.startswith("[") and "] " in text:
+            text = text.split("] ", 1)[1]  # "[SSL: SSLV3_ALERT_CERTIFICATE_EXPIRED] sslv3 alert ..."
+        reason = exc.reason or ""
+        if "ALERT" in reason and ("CERTIFICATE" in reason or "UNKNOWN_CA" in reason):
+            text += " (the broker rejected our client certificate: check mqtt.tls.cert_file)"
+        return f"TLS handshake with {where} failed: {text or type(exc).__name__}"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve broker host {host}: {exc.strerror or exc}"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"cannot connect to {where}: connection refused"
+    if isinstance(exc, TimeoutError):
+        return f"cannot connect to {where}: timed out"
+    return f"connection to {where} failed: {exc.strerror or exc or type(exc).__name__}"
+
+
 class MqttLink:
     """Dials out to the broker, keeps the session, and publishes for the agent."""
 
-    def __init__(self, cfg: MqttConfig, topics: Topics, client_id: str, post: Callable[[MqttEvent], None]) -> None:
+    def __init__(
+        self, cfg: MqttConfig, topics: Topics, client_id: str, post: Callable[[MqttEvent], None],
+        gate: InboundGate | None = None,
+    ) -> None:  # fmt: skip
         self._cfg = cfg
         self._topics = topics
         self._post = post
@@ -91,22 +248,26 @@ class MqttLink:
         kwargs: dict[str, Any] = {}
         if not self._v5:
             kwargs["clean_session"] = False
-        self._client = paho.Client(
+        self._client = _Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol, **kwargs
         )
-        self._client.max_queued_messages_set(10000)  # bounded: paho's default is unlimited
+        self._gate = gate
+        self._outbox = Outbox(cfg.outbound_queue)
+        self._broker_max_packet: int | None = None
+        self._connected_at = time.monotonic()
+        self._strikes: dict[int, int] = {}  # mid -> quick disconnects while it was the oldest in flight
+        # bounded: paho's default is unlimited; Outbox keeps the newest retained status of a topic
+        # that did not fit and publishes it when there is room again.
+        self._client.max_queued_messages_set(cfg.outbound_queue)
         self._client.max_inflight_messages_set(100)
         if cfg.username:
             pw = cfg.password.get_secret_value() if cfg.password else None
             self._client.username_pw_set(cfg.username, pw)
         if cfg.tls.enabled:
-            self._client.tls_set(
-                ca_certs=str(cfg.tls.ca_file) if cfg.tls.ca_file else None,
-                certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
-                keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
-            self._client.tls_insecure_set(cfg.tls.insecure)
+            self._client.tls_set_context(client_context(cfg.tls))  # raises ConfigError naming the key
+        # The last cause logged per broker address: a failure is logged once, again only when its cause
+        # changes (DEBUG otherwise), and afresh after a successful connection.
+        self._failure_causes: dict[tuple[str, int], str] = {}
         self._client.will_set(topics.availability, b"offline", qos=1, retain=True)
         self._failed_attempts = 0
         self._jitter_reconnect()
@@ -116,6 +277,7 @@ class MqttLink:
         self._client.on_socket_open = self._on_socket_open
         self._client.on_connect_fail = self._on_connect_fail
         self._client.on_subscribe = self._on_subscribe
+        self._client.on_publish = self._on_publish
         self._endpoints = cfg.endpoints()
         self._endpoint = 0
 
@@ -146,6 +308,9 @@ class MqttLink:
         if self._v5:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = self._cfg.session_expiry_seconds
+            # The broker must not send us anything bigger than a command may be (plus topic and
+            # properties): it drops such a message for us instead of making us read it.
+            props.MaximumPacketSize = self._cfg.max_payload_bytes + PACKET_OVERHEAD
         host, port = self._endpoints[0]
         self._client.connect_async(
             host, port, keepalive=self._cfg.keepalive,
@@ -172,15 +337,59 @@ class MqttLink:
     # -- Publisher ---------------------------------------------------------------------------
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        self._client.publish(topic, payload, qos=self._cfg.qos, retain=retain)
+        self._send(topic, payload, retain, None)
 
     def reply(self, topic: str, payload: bytes, response_topic: str | None, correlation: bytes | None) -> None:
-        self._client.publish(topic, payload, qos=self._cfg.qos)
+        self._send(topic, payload, False, None)
         if response_topic and self._v5:
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             if correlation is not None:
                 props.CorrelationData = correlation
-            self._client.publish(response_topic, payload, qos=self._cfg.qos, properties=props)
+            self._send(response_topic, payload, False, props)
+
+    def publish_stats(self) -> dict[str, int]:
+        return self._outbox.stats()
+
+    def _send(self, topic: str, payload: bytes, retain: bool, props: Properties | None) -> None:
+        """Every publish goes through here: checked, counted, and never silently lost if retained.
+
+        A topic that is not valid MQTT UTF-8 or a packet over the broker's Maximum Packet Size would
+        make the broker drop the connection, and paho would re-send it after every reconnect: such a
+        publish is refused here and counted. A publish paho cannot queue (queue full, or QoS 0 while
+        offline) is counted if it is a reply or event, and kept as the topic's newest value if retained.
+        """
+        problem = names.topic_problem(topic)
+        size = len(topic.encode("utf-8", "surrogatepass")) + len(payload) + 16
+        limit = self._broker_max_packet
+        if problem is None and limit is not None and size > limit:
+            problem = f"{size} bytes exceed the broker's maximum packet size of {limit}"
+        if problem is not None:
+            self._outbox.count("publishes_refused")
+            log.error("not publishing on %r: %s", topic[:200], problem)
+            return
+        with self._outbox.lock:
+            if retain and self._outbox.holds(topic):
+                self._outbox.hold(topic, payload)  # keep order: the held value must not overtake this
+                return
+            info = self._client.publish(topic, payload, qos=self._cfg.qos, retain=retain, properties=props)
+            rc = info.rc
+            if rc == paho.MQTT_ERR_SUCCESS or (rc == paho.MQTT_ERR_NO_CONN and self._cfg.qos > 0):
+                self._outbox.sent(info.mid, topic)  # QoS 1 while offline: paho sends it on reconnect
+            elif retain:
+                self._outbox.hold(topic, payload)
+            else:
+                self._outbox.count("publishes_dropped")
+                if rc != paho.MQTT_ERR_NO_CONN:
+                    log.warning("dropped a publish on %r: %s", topic[:200], paho.error_string(rc))
+
+    def flush_held(self) -> int:
+        """Publish retained values that did not fit earlier, while paho's queue has room."""
+        self._outbox.ready_posted = False
+        sent = 0
+        for topic, payload in self._outbox.take_held(self._outbox.room()):
+            self._send(topic, payload, True, None)
+            sent += 1
+        return sent
 
     # -- paho callbacks (network thread: translate and enqueue only) ---------------------------
 
@@ -197,13 +406,20 @@ class MqttLink:
         properties: Properties | None,
     ) -> None:  # fmt: skip
         if reason_code.is_failure:
-            log.error("broker refused the connection: %s", reason_code)
+            host, port = self._client.attempt_address
+            hint = ""
+            if reason_code.value in (4, 5, 134, 135):  # bad user name or password / not authorized (3.1.1, 5)
+                hint = " (check mqtt.username and mqtt.password, or the broker's ACL)"
+            self._connect_failed(logging.ERROR, f"broker {host}:{port} refused the connection: {reason_code}{hint}")
             return  # paho disconnects; _on_disconnect moves on to the next cluster node
         log.info("connected to %s:%s (session present: %s)", client.host, client.port, flags.session_present)
         client.subscribe(self._topics.command_filter, qos=1)
         for topic in sorted(self._extra):
             client.subscribe(topic, qos=1)
         client.publish(self._topics.availability, b"online", qos=1, retain=True)
+        # The broker's own limit (v5 CONNACK): a bigger packet would make it drop us.
+        self._broker_max_packet = getattr(properties, "MaximumPacketSize", None) if properties else None
+        self._connected_at = time.monotonic()
         self._connected.set()
         self._post(Connected(bool(flags.session_present)))
 
@@ -218,11 +434,17 @@ class MqttLink:
             if was:
                 log.info("disconnected from the broker (shutdown)")
             return
-        # Lost an established connection, or closed before CONNACK (a node that accepts TCP but
-        # cannot serve MQTT): either way the next attempt goes to the next cluster node.
+        if not was and not self._client.attempt_reported:
+            # Closed before CONNACK: a TLS alert after the handshake (TLS 1.3: the broker rejected
+            # our client certificate), or a node that accepts TCP but cannot serve MQTT.
+            self._connect_failed_with(self._client.attempt_error)
+        # Lost an established connection, or closed before CONNACK: either way the next attempt
+        # goes to the next cluster node.
         self._next_endpoint()
         if was:
             self._failed_attempts = 0
+            self._failure_causes.clear()
+            self._check_poison(reason_code)
         self._jitter_reconnect()
         if was:
             log.warning("disconnected from the broker: %s", reason_code)
@@ -249,8 +471,29 @@ class MqttLink:
 
     @catch_log_exception
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        # TCP connect, name resolution or the TLS handshake failed (reconnect() raised).
+        self._connect_failed_with(self._client.attempt_error)
         self._next_endpoint()
         self._jitter_reconnect()
+
+    def _connect_failed_with(self, exc: OSError | None) -> None:
+        host, port = self._client.attempt_address
+        level = logging.ERROR if exc is None or isinstance(exc, ssl.SSLError) else logging.WARNING
+        self._connect_failed(level, describe_connect_error(exc, host, port))
+
+    def _connect_failed(self, level: int, cause: str) -> None:
+        """Log why this connection attempt failed: once per cause and address, DEBUG while it repeats.
+
+        A device retries forever with backoff; one line per attempt would bury the cause (and fill a
+        small disk), no line at all would leave a wrong CA or an expired certificate a mystery.
+        """
+        self._client.attempt_reported = True
+        address = self._client.attempt_address
+        if self._failure_causes.get(address) == cause:
+            log.debug("connection attempt failed again: %s", cause)
+            return
+        self._failure_causes[address] = cause
+        log.log(level, "%s; retrying with backoff", cause)
 
     def _next_endpoint(self) -> None:
         """With a broker cluster (`mqtt.hosts`), try the next node at the next reconnect."""
@@ -267,6 +510,45 @@ class MqttLink:
         self._endpoint = index
         log.info("next broker node: %s:%s", host, port)
 
+    def _check_poison(self, reason_code: ReasonCode) -> None:
+        """Drop a publish the broker keeps refusing, so one message can never keep us off the air.
+
+        paho re-sends every unacknowledged QoS 1 message after a reconnect, so a message that makes
+        the broker close the connection (a publish its ACL forbids on AWS IoT Core, a packet over a
+        3.1.1 broker's size limit) would do so forever. The oldest message in flight is blamed when
+        the broker's v5 DISCONNECT says we sent something wrong, or when it was in flight at
+        `POISON_STRIKES` disconnects in a row that each came within `QUICK_SECONDS` of connecting.
+        """
+        outstanding = self._outbox.outstanding()
+        lived = time.monotonic() - self._connected_at
+        blamed = reason_code.value in INPUT_REASONS and reason_code.packetType == PacketTypes.DISCONNECT
+        if not outstanding or (lived > QUICK_SECONDS and not blamed):
+            self._strikes.clear()
+            return
+        mid = min(outstanding, key=lambda m: outstanding[m][1])
+        topic = outstanding[mid][0]
+        strikes = self._strikes.get(mid, 0) + 1
+        self._strikes = {mid: strikes}
+        if not blamed and strikes < POISON_STRIKES:
+            return
+        client = self._client
+        with client._out_message_mutex:
+            client._out_messages.pop(mid, None)
+        self._outbox.forget(mid)
+        self._outbox.count("publishes_poisoned")
+        self._strikes.clear()
+        log.error("dropped the message on %r: the broker closed the connection while it was in flight "
+                  "(%s, %d time(s))", topic[:200], reason_code, strikes)  # fmt: skip
+
+    @catch_log_exception
+    def _on_publish(
+        self, client: paho.Client, userdata: Any, mid: int, reason_code: ReasonCode, properties: Properties | None,
+    ) -> None:  # fmt: skip
+        self._outbox.done(mid)
+        if self._outbox.has_held() and self._outbox.room() > 0 and not self._outbox.ready_posted:
+            self._outbox.ready_posted = True
+            self._post(OutboxReady())
+
     @catch_log_exception
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         camera_id = self._topics.camera_of_command(msg.topic)
@@ -274,6 +556,8 @@ class MqttLink:
             if msg.topic in self._extra:
                 self._post(MessageReceived(msg.topic, bytes(msg.payload)))
             return
+        if self._gate is not None and not self._gate.admit():
+            return  # shed: the agent has `mqtt.inbound_queue` commands waiting already (counted)
         response_topic = correlation = None
         props = getattr(msg, "properties", None)
         if props is not None:

@@ -231,7 +231,7 @@ class Recorder(threading.Thread):
             try:
                 proc = subprocess.Popen(
                     argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                    start_new_session=True, close_fds=True, pass_fds=(seg_w,),
+                    start_new_session=True, close_fds=True, pass_fds=(seg_w,), env=ffmpeg.child_env(),
                 )  # fmt: skip
             except OSError as exc:
                 raise RecordingError(f"cannot start FFmpeg: {exc.strerror}") from None
@@ -372,7 +372,8 @@ def probe_camera(
     )  # fmt: skip
     try:
         out = subprocess.run(
-            argv, capture_output=True, text=True, timeout=probe_timeout, check=False, stdin=subprocess.DEVNULL
+            argv, capture_output=True, text=True, timeout=probe_timeout, check=False, stdin=subprocess.DEVNULL,
+            env=ffmpeg.child_env(),
         )
     except subprocess.TimeoutExpired:
         raise RecordingError(f"camera did not answer a probe within {probe_timeout:g} s") from None
@@ -417,7 +418,7 @@ def _probe_file(ffprobe: str, path: Path, timeout: float) -> ffmpeg.FileInfo | N
     try:
         out = subprocess.run(
             ffmpeg.file_probe_argv(ffprobe, path), capture_output=True, text=True, timeout=timeout,
-            check=False, stdin=subprocess.DEVNULL,
+            check=False, stdin=subprocess.DEVNULL, env=ffmpeg.child_env(),
         )  # fmt: skip
     except subprocess.TimeoutExpired:
         return None
@@ -436,7 +437,7 @@ def _concat(spec: RecordingSpec, segments: list[Path], part: Path) -> str | None
     try:
         out = subprocess.run(
             ffmpeg.concat_argv(spec.ffmpeg, list_file, part), capture_output=True, text=True,
-            timeout=timeout, check=False, stdin=subprocess.DEVNULL,
+            timeout=timeout, check=False, stdin=subprocess.DEVNULL, env=ffmpeg.child_env(),
         )  # fmt: skip
     except subprocess.TimeoutExpired:
         return f"{JOIN_TIMED_OUT} after {timeout:.0f} s"

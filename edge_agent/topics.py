@@ -17,7 +17,10 @@ Home Assistant (see `DiscoveryTopics`):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from edge_agent import names
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,38 @@ class Topics:
 
     def task(self, camera_id: str, task_name: str) -> str:
         return f"{self.base}/{camera_id}/tasks/{task_name}"
+
+    def ctl_inbox(self, client_id: str) -> str:
+        """Where `edge-agent ctl` asks for v5 responses: under this device, never a command topic."""
+        return f"{self.base}/_ctl/{client_id}/reply"
+
+    def response_topic_problem(self, topic: str, allowed: Sequence[str], discovery_prefix: str) -> str | None:
+        """Why the agent must not publish a reply on a command's v5 Response Topic, or None.
+
+        Never a wildcard, a `$` topic, anything under the agent prefix but this device's own ctl
+        inbox (command, status, task topics of every device), a topic ending in `cmd`, or anything
+        under the Home Assistant discovery prefix; otherwise it must match one of `allowed`.
+        """
+        problem = names.topic_problem(topic)
+        if problem:
+            return problem
+        if topic.startswith("$"):
+            return "a '$' topic is reserved for the broker"
+        levels = topic.split("/")
+        own = self.base.split("/")
+        if levels[: len(own)] == own and len(levels) == len(own) + 3 and levels[len(own)] == "_ctl" \
+                and levels[-1] == "reply":  # fmt: skip
+            return None
+        head = self.prefix.split("/")
+        if levels[: len(head)] == head:
+            return f"topics under '{self.prefix}/' are device command and status topics"
+        if levels[-1] == "cmd":
+            return "a command topic"
+        if levels[: len(discovery_prefix.split("/"))] == discovery_prefix.split("/"):
+            return "the Home Assistant discovery prefix"
+        if not any(names.filter_matches(f, topic) for f in allowed):
+            return "not allowed by mqtt.response_topics"
+        return None
 
     def camera_of_command(self, topic: str) -> str | None:
         """The camera id of a `P/D/C/cmd` topic, or None for any other topic."""

@@ -156,10 +156,15 @@ class MinioStore:
     def __init__(self, cfg: StorageConfig) -> None:
         assert cfg.access_key is not None and cfg.secret_key is not None
         self._cfg = cfg
+        tls: dict[str, Any] = {}
+        if cfg.secure:
+            # Verify the S3 server; storage.ca_file for a private CA (urllib3 otherwise uses the system store).
+            tls = {"cert_reqs": "CERT_REQUIRED", "ca_certs": str(cfg.ca_file) if cfg.ca_file else None}
         http_client = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=cfg.connect_timeout_seconds, read=cfg.read_timeout_seconds),
             retries=urllib3.Retry(total=1, connect=1, read=0, backoff_factor=0.2),
             maxsize=cfg.upload_workers + 1,
+            **tls,
         )
         self._client = Minio(
             cfg.endpoint,
@@ -251,6 +256,14 @@ class UploadPool:
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
 
+    def presign(self, object_name: str) -> str:
+        """A fresh presigned GET URL (local computation: the region is configured), '' on failure."""
+        try:
+            return self._store.presign(object_name)
+        except Exception as exc:
+            log.warning("presigning %s failed: %s", object_name, exc)
+            return ""
+
     def _work(self) -> None:
         while not self._stop.is_set():
             try:
@@ -304,11 +317,8 @@ class UploadPool:
         except PermanentUploadError as exc:
             self._post(UploadFailed(job.task_id, str(exc), attempts))
             return
-        try:
-            url = self._store.presign(job.object_name)
-        except Exception as exc:
-            url = ""
-            log.warning("presigning %s failed: %s", job.object_name, exc)
+        # Only where it is published retained (storage.download_url); replies presign on demand.
+        url = self.presign(job.object_name) if self._cfg.download_url == "retained" else ""
         deleted = False
         if self._cfg.delete_local_after_upload:
             with contextlib.suppress(FileNotFoundError):

@@ -265,6 +265,7 @@ storage:
   secure: false
   delete_local_after_upload: true
   presign_seconds: 3600
+  download_url: retained   # the demo downloads via the retained status; the default is replies only
   min_free_bytes: 0
 EOF
 "$ROOT/.venv/bin/edge-agent" check-config --config "$CONFIG" >/dev/null || die "the demo config is invalid"

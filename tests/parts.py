@@ -451,6 +451,9 @@ class SeaweedS3(ManagedProcess):
             "secret_key": self.secret_key,
             "bucket": bucket,
             "secure": False,
+            # The tests download what was uploaded via the status's URL; the shipped default keeps
+            # it off retained topics (`replies`), which tests/test_unit_agent.py covers.
+            "download_url": "retained",
             **extra,
         }
 
@@ -574,6 +577,8 @@ class MqttProbe:
         protocol: int = 5,
         client_id: str | None = None,
         connect_timeout: float = 10.0,
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
         self.host, self.port = host, port
         self.client_id = client_id or f"probe-{uuid.uuid4().hex[:10]}"
@@ -591,6 +596,8 @@ class MqttProbe:
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
         self._client.reconnect_delay_set(min_delay=1, max_delay=2)
+        if username is not None:
+            self._client.username_pw_set(username, password)
         self._client.connect(host, port, keepalive=30)
         self._client.loop_start()
         self.wait_connected(connect_timeout)

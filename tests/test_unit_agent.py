@@ -69,6 +69,9 @@ class FakeUploads:
     def stop(self, timeout: float) -> None:
         self.stopped = True
 
+    def presign(self, object_name: str) -> str:
+        return f"https://s3.example/recordings/{object_name}?X-Amz-Signature=fresh"
+
 
 class FakeRecorder:
     def __init__(self, spec: RecordingSpec, post: Callable[[RecorderEvent], None], finalise_only: bool) -> None:
@@ -97,11 +100,11 @@ class Harness:
     def cmd(self, payload: dict[str, Any] | bytes, camera: str = "cam1") -> dict[str, Any]:
         raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         before = len(self.pub.replies)
-        self.agent.handle(CommandReceived(camera, raw, "resp/topic", b"corr"))
+        self.agent.handle(CommandReceived(camera, raw, "nodered/responses", b"corr"))
         assert len(self.pub.replies) == before + 1, "every command gets exactly one reply"
         topic, _, response_topic, correlation = self.pub.replies[-1]
         assert topic == f"{P_D}/{camera}/reply"
-        assert (response_topic, correlation) == ("resp/topic", b"corr")
+        assert (response_topic, correlation) == ("nodered/responses", b"corr")
         return self.pub.last_reply()
 
     def start(self, name: str, camera: str = "cam1", **extra: Any) -> dict[str, Any]:
@@ -394,7 +397,7 @@ def test_recording_failed(build: Callable[..., Harness]) -> None:
 
 
 def test_minio_upload_flow(build: Callable[..., Harness]) -> None:
-    h = build(storage=MINIO)
+    h = build(storage={**MINIO, "download_url": "retained"})
     reply = h.start("夜间巡检")
     rec = h.recorders[0]
     started = parse_iso(reply["start_time"])
@@ -620,3 +623,25 @@ def test_reconnect_with_session_republishes_camera_statuses_only(build: Callable
         topics = [t for t, _, _ in h.pub.published]
         assert f"{P_D}/cam1/status" in topics and f"{P_D}/cam2/status" in topics
         assert (f"{P_D}/cam1/tasks/a" in topics) is task_topics
+
+
+@pytest.mark.parametrize("where", ["replies", "none"])
+def test_download_url_stays_off_retained_topics_unless_asked(build: Callable[..., Harness], where: str) -> None:
+    """The presigned URL is a bearer credential: by default only replies carry one (freshly signed)."""
+    h = build(storage={**MINIO, "download_url": where})
+    h.start("t")
+    rec = h.recorders[0]
+    h.agent.handle(MediaStarted(rec.spec.task_id))
+    h.cmd({"action": "stop", "task_name": "t"})
+    h.finish(rec)
+    obj = h.uploads.submitted[0]["object_name"]
+    h.agent.handle(UploadFinished(rec.spec.task_id, "recordings", obj, "https://leak.example/x", True, 1))
+    retained = [payload for (_topic, payload, retain) in h.pub.published if retain]
+    assert retained and not [p for p in retained if b'"download_url":' in p]
+    assert not any(b"leak.example" in p for (_t, p, _r) in h.pub.published)
+    doc = h.cmd({"action": "query", "task_name": "t"})
+    assert doc["status"] == "uploaded"
+    if where == "replies":
+        assert doc["download_url"] == f"https://s3.example/recordings/{obj}?X-Amz-Signature=fresh"
+    else:
+        assert "download_url" not in doc

@@ -249,14 +249,14 @@ def test_local_flow_emits_started_stopped_completed(build: Callable[..., Harness
 
 
 def test_minio_flow_emits_uploaded(build: Callable[..., Harness]) -> None:
-    h = build(storage={"type": "minio"})
+    h = build(storage={"type": "minio", "download_url": "retained"})
     h.start("t2")
     rec = h.recorders[0]
     h.agent.handle(MediaStarted(rec.spec.task_id))
     h.cmd({"action": "stop", "task_name": "t2"})
     h.finish(rec)
     obj = h.uploads.submitted[0]["object_name"]
-    h.agent.handle(UploadFinished(rec.spec.task_id, "recordings", obj, "http://dl", True, 1))
+    h.agent.handle(UploadFinished(rec.spec.task_id, "recordings", obj, "http://dl", True, 1))  # retained mode
     evs = events_of(h)
     assert [e["event"] for e in evs] == ["started", "stopped", "uploaded"]
     up = evs[2]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from edge_agent.errors import CommandError
-from edge_agent.messages import dumps, parse_command, request_id_of, validate_task_name
+from edge_agent.messages import decode_command, dumps, parse_command, validate_task_name
 from edge_agent.topics import Topics
 
 LIMIT = 65536
@@ -128,13 +129,13 @@ def test_pydantic_detail_not_leaked_as_url() -> None:
 # ---- validate_task_name --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("char", ["/", "+", "#", "\\"])
+@pytest.mark.parametrize("char", ["/", "+", "#", "\\", "%"])
 def test_task_name_forbidden_topic_chars(char: str) -> None:
     with pytest.raises(CommandError, match="must not contain"):
         validate_task_name(f"a{char}b")
 
 
-@pytest.mark.parametrize("name", ["a\x00b", "a\nb", "a\u202eb", "a\tb", "a\u2028b", "\x7f"])
+@pytest.mark.parametrize("name", ["a\nb", "a\u202eb", "a\tb", "a\u2028b", "\x7f"])
 def test_task_name_control_chars(name: str) -> None:
     with pytest.raises(CommandError, match="control or format"):
         validate_task_name(name)
@@ -166,16 +167,63 @@ def test_task_name_accepted(name: str) -> None:
     assert validate_task_name(name) == name
 
 
+@pytest.mark.parametrize(
+    ("name", "rule"),
+    [
+        ("evil\ufdd0", "noncharacter U+FDD0"),  # Mosquitto drops the publishing client for this
+        ("a\ufffe", "noncharacter U+FFFE"),
+        ("a\U0001ffff", "noncharacter U+1FFFF"),
+        ("a\ud800b", "surrogate U+D800"),
+        ("a\x00b", "U+0000"),
+        ("100%d", "'%'"),  # an FFmpeg filename template in the segment path
+        (" padded", "whitespace"),
+    ],
+)
+def test_task_name_mqtt_utf8_and_template_rules(name: str, rule: str) -> None:
+    with pytest.raises(CommandError, match=re.escape(rule)):
+        validate_task_name(name)
+
+
+def test_noncharacter_in_json_command_is_rejected_naming_the_rule() -> None:
+    decoded = decode_command(b'{"action":"start","task_name":"evil\\ufdd0","request_id":"r1"}', 65536)
+    assert decoded.command is None and decoded.request_id == "r1"
+    assert decoded.error is not None and "noncharacter U+FDD0" in decoded.error
+
+
+@pytest.mark.parametrize(
+    ("payload", "problem"),
+    [
+        (b"[" * 100_000, "nested too deeply"),
+        (b'{"action":"start","task_name":"t","max_seconds":' + b"9" * 5000 + b"}", "cannot be decoded"),
+        (b'{"action":"status","request_id":"a\\nb"}', "request_id"),
+    ],
+)
+def test_parser_limits_are_answered_not_raised(payload: bytes, problem: str) -> None:
+    decoded = decode_command(payload, 1 << 20)
+    assert decoded.command is None and decoded.error is not None and problem in decoded.error
+
+
+def test_size_is_checked_before_parsing() -> None:
+    decoded = decode_command(b'{"request_id":"r"' + b" " * 1000 + b"}", 256)
+    assert decoded.request_id is None  # never parsed
+    assert decoded.error is not None and "exceeds the 256-byte limit" in decoded.error
+
+
 # ---- request_id_of / dumps -----------------------------------------------------------------------
 
 
-def test_request_id_of() -> None:
+def request_id_of(payload: bytes) -> str | None:
+    return decode_command(payload, 65536).request_id
+
+
+def test_request_id_of_a_rejected_payload() -> None:
     assert request_id_of(b'{"action":"nope","request_id":"abc"}') == "abc"
     assert request_id_of(b'{"request_id":5}') is None
     assert request_id_of(b"[1]") is None
     assert request_id_of(b"{broken") is None
     assert request_id_of(b"\xff") is None
     assert request_id_of(json.dumps({"request_id": "x" * 201}).encode()) is None
+    assert request_id_of(json.dumps({"action": "status", "request_id": "a\nforged"}).encode()) is None
 
 
 def test_dumps_keeps_non_ascii_readable() -> None:

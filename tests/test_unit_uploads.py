@@ -169,7 +169,7 @@ def make_file(tmp_path: Path, name: str = "t.mp4", data: bytes = b"\x00" * 100) 
 def test_transient_failures_then_success(tmp_path: Path, pools: list[UploadPool]) -> None:
     store = FakeStore([s3_error("SlowDown"), ConnectionResetError(104, "reset"), None])
     events = Events()
-    pool = UploadPool(store, storage(), events.post)
+    pool = UploadPool(store, storage(download_url="retained"), events.post)
     pools.append(pool)
     path = make_file(tmp_path)
     pool.start()
@@ -237,13 +237,27 @@ def test_worker_survives_store_crash_in_presign(tmp_path: Path, pools: list[Uplo
             raise RuntimeError("presign broke")
 
     events = Events()
-    pool = UploadPool(NoPresign([None]), storage(), events.post)
+    pool = UploadPool(NoPresign([None]), storage(download_url="retained"), events.post)
     pools.append(pool)
     pool.start()
     pool.submit("cam1/t_1", make_file(tmp_path), "o.mp4", "ab" * 32, 100, created=1.0)
     done = events.until((UploadFinished, UploadFailed))
     assert isinstance(done, UploadFinished)
     assert done.download_url == ""
+
+
+@pytest.mark.parametrize("where", ["replies", "none"])
+def test_no_presigned_url_is_made_unless_published_retained(
+    tmp_path: Path, pools: list[UploadPool], where: str
+) -> None:
+    events = Events()
+    pool = UploadPool(FakeStore([None]), storage(download_url=where), events.post)
+    pools.append(pool)
+    pool.start()
+    pool.submit("cam1/t_1", make_file(tmp_path), "o.mp4", "ab" * 32, 100, created=1.0)
+    done = events.until((UploadFinished, UploadFailed))
+    assert isinstance(done, UploadFinished) and done.download_url == ""
+    assert pool.presign("o.mp4").startswith("https://s3.example/")  # on demand, for replies
 
 
 def test_stop_during_long_backoff_is_prompt(tmp_path: Path) -> None:
