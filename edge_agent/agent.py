@@ -373,9 +373,7 @@ class Agent:
         decoded = decode_command(ev.payload, self.cfg.mqtt.max_payload_bytes)
         rid = decoded.command.request_id if decoded.command is not None else decoded.request_id
         if ev.response_topic is not None:
-            problem = self.topics.response_topic_problem(
-                ev.response_topic, [*self.cfg.mqtt.response_topics], self.cfg.homeassistant.discovery_prefix
-            )
+            problem = self._response_topic_problem(ev)
             if problem:
                 log.warning("command on %s refused: response topic %r: %s", camera, ev.response_topic, problem)
                 doc = {"status": "rejected", "camera_id": camera,
@@ -428,8 +426,17 @@ class Agent:
                "error": f"more than {self.cfg.mqtt.commands_per_second:g} commands per second for this camera "
                f"(burst {self.cfg.mqtt.command_burst}); the command was not executed",
                "retry_after_seconds": round(max(bucket.seconds_to_next(), 0.001), 3)}  # fmt: skip
-        # Not parsed (that is the work being limited), so no request_id and no response topic.
-        self._send_reply(camera, doc, False, None, ev, respond=False)
+        # Decoded only for its request_id (size-capped), so the sender can match the refusal.
+        decoded = decode_command(ev.payload, self.cfg.mqtt.max_payload_bytes)
+        rid = decoded.command.request_id if decoded.command is not None else decoded.request_id
+        self._send_reply(camera, doc, False, rid, ev, respond=self._response_topic_problem(ev) is None)
+
+    def _response_topic_problem(self, ev: CommandReceived) -> str | None:
+        if ev.response_topic is None:
+            return None
+        return self.topics.response_topic_problem(
+            ev.response_topic, self.cfg.mqtt.response_topics, self.cfg.homeassistant.discovery_prefix
+        )
 
     def _switch_command(self, camera: str, action: Literal["start", "stop"]) -> Command:
         """A plain ON/OFF (start/stop) acts on whatever the camera runs: ON while busy is the

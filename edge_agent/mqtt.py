@@ -308,9 +308,10 @@ class MqttLink:
         if self._v5:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = self._cfg.session_expiry_seconds
-            # The broker must not send us anything bigger than a command may be (plus topic and
-            # properties): it drops such a message for us instead of making us read it.
-            props.MaximumPacketSize = self._cfg.max_payload_bytes + PACKET_OVERHEAD
+            # The broker must not send us anything absurdly big: it drops such a message for us
+            # instead of making us read it. Up to 4x the command limit still arrives, so a sender
+            # of a moderately oversized command gets a reply saying so.
+            props.MaximumPacketSize = max(4 * self._cfg.max_payload_bytes, 262144) + PACKET_OVERHEAD
         host, port = self._endpoints[0]
         self._client.connect_async(
             host, port, keepalive=self._cfg.keepalive,

@@ -1119,7 +1119,9 @@ def write_config(
     """Writes the agent's YAML config; extra keys in the given dicts are merged over the defaults."""
     config: dict[str, Any] = {
         "device_id": device_id,
-        "mqtt": {"host": LOCALHOST, "port": mqtt_port, "topic_prefix": topic_prefix, **(mqtt or {})},
+        # Functional tests send commands back to back; the rate limit has its own tests (defaults).
+        "mqtt": {"host": LOCALHOST, "port": mqtt_port, "topic_prefix": topic_prefix, "command_burst": 1000,
+                 **(mqtt or {})},
         "cameras": {
             name: {"rtsp_transport": "tcp", "max_seconds": 3600, **dict(cam)} for name, cam in cameras.items()
         },

@@ -129,12 +129,22 @@ def test_command_contract(tmp_path, broker, probe, prefix, make_agent, camera) -
 
     # MQTT v5 request/response: the reply also goes to the Response Topic with Correlation Data.
     props = Properties(PacketTypes.PUBLISH)
-    props.ResponseTopic = f"{prefix}/my-inbox"
+    props.ResponseTopic = f"nodered/{prefix}/my-inbox"
     props.CorrelationData = b"corr-42"
+    probe.subscribe(f"nodered/{prefix}/my-inbox")
     probe.publish(rig.cmd_topic("cam3"), {"action": "status"}, properties=props)
-    msg = probe.wait_for_message(f"{prefix}/my-inbox", timeout=10)
+    msg = probe.wait_for_message(f"nodered/{prefix}/my-inbox", timeout=10)
     assert msg.properties is not None and msg.properties.CorrelationData == b"corr-42"
     assert msg.json()["task_name"] == "a"
+
+    # A Response Topic onto another device's command topic is refused, answered on the reply topic.
+    hostile = Properties(PacketTypes.PUBLISH)
+    hostile.ResponseTopic = f"{prefix}/other-device/cam1/cmd"
+    probe.publish(rig.cmd_topic("cam3"), {"action": "stop", "task_name": "a", "request_id": "r-hostile"},
+                  properties=hostile)  # fmt: skip
+    refused = probe.wait_for(rig.reply_topic("cam3"), lambda p: p.get("request_id") == "r-hostile", timeout=10)
+    assert refused["ok"] is False and "response topic refused" in refused["error"], refused
+    assert not probe.raw(f"{prefix}/other-device/cam1/cmd")
 
     rig.wait_status("cam3", "a", "recording", timeout=30)
     stop = rig.request("cam3", {"action": "stop", "task_name": "a"})
