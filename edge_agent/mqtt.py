@@ -89,7 +89,8 @@ class Outbox:
         self.capacity = capacity
         self.lock = threading.RLock()
         self._mids_lock = threading.Lock()
-        self._inflight: dict[int, tuple[str, float]] = {}  # mid -> (topic, sent at)
+        self._inflight: dict[int, tuple[str, float, int]] = {}  # mid -> (topic, sent at, packet bytes)
+        self.max_acked = 0  # largest packet the broker has acknowledged
         self._held: dict[str, bytes] = {}  # topic -> newest retained payload not yet handed to paho
         self._counters = {"publishes_refused": 0, "publishes_dropped": 0, "publishes_poisoned": 0,
                           "retained_coalesced": 0}  # fmt: skip
@@ -119,21 +120,23 @@ class Outbox:
             topics = list(self._held)[: max(0, n)]
             return [(t, self._held.pop(t)) for t in topics]
 
-    def sent(self, mid: int, topic: str) -> None:
+    def sent(self, mid: int, topic: str, size: int) -> None:
         with self._mids_lock:
-            self._inflight[mid] = (topic, time.monotonic())
+            self._inflight[mid] = (topic, time.monotonic(), size)
 
     def done(self, mid: int) -> int:
         """Called on paho's thread when `mid` is acknowledged; returns how many remain in flight."""
         with self._mids_lock:
-            self._inflight.pop(mid, None)
+            entry = self._inflight.pop(mid, None)
+            if entry is not None:
+                self.max_acked = max(self.max_acked, entry[2])
             return len(self._inflight)
 
     def room(self) -> int:
         with self._mids_lock:
             return max(0, self.capacity // 2 - len(self._inflight))
 
-    def outstanding(self) -> dict[int, tuple[str, float]]:
+    def outstanding(self) -> dict[int, tuple[str, float, int]]:
         with self._mids_lock:
             return dict(self._inflight)
 
@@ -170,7 +173,15 @@ class _Client(paho.Client):
     attempt_address: tuple[str, int] = ("", 0)
     attempt_reported = False
 
+    drop_before_reconnect: set[int] | None = None  # mids of poison messages (see MqttLink._check_poison)
+
     def reconnect(self) -> MQTTErrorCode:
+        if self.drop_before_reconnect:
+            # Here, not in on_disconnect: paho may be iterating its queue when it calls that.
+            with self._out_message_mutex:
+                for mid in self.drop_before_reconnect:
+                    self._out_messages.pop(mid, None)
+            self.drop_before_reconnect = set()
         self.attempt_error = None
         self.attempt_reported = False
         self.attempt_address = (self.host, self.port)
@@ -256,6 +267,9 @@ class MqttLink:
         self._broker_max_packet: int | None = None
         self._connected_at = time.monotonic()
         self._strikes: dict[int, int] = {}  # mid -> quick disconnects while it was the oldest in flight
+        # A 3.1.1 broker cannot announce its packet limit: learnt from a dropped message that was
+        # bigger than anything the broker ever acknowledged.
+        self._learned_max_packet: int | None = None
         # bounded: paho's default is unlimited; Outbox keeps the newest retained status of a topic
         # that did not fit and publishes it when there is room again.
         self._client.max_queued_messages_set(cfg.outbound_queue)
@@ -364,6 +378,8 @@ class MqttLink:
         limit = self._broker_max_packet
         if problem is None and limit is not None and size > limit:
             problem = f"{size} bytes exceed the broker's maximum packet size of {limit}"
+        elif problem is None and self._learned_max_packet is not None and size >= self._learned_max_packet:
+            problem = f"{size} bytes: the broker dropped us for a {self._learned_max_packet}-byte packet before"
         if problem is not None:
             self._outbox.count("publishes_refused")
             log.error("not publishing on %r: %s", topic[:200], problem)
@@ -375,7 +391,7 @@ class MqttLink:
             info = self._client.publish(topic, payload, qos=self._cfg.qos, retain=retain, properties=props)
             rc = info.rc
             if rc == paho.MQTT_ERR_SUCCESS or (rc == paho.MQTT_ERR_NO_CONN and self._cfg.qos > 0):
-                self._outbox.sent(info.mid, topic)  # QoS 1 while offline: paho sends it on reconnect
+                self._outbox.sent(info.mid, topic, size)  # QoS 1 while offline: paho sends it on reconnect
             elif retain:
                 self._outbox.hold(topic, payload)
             else:
@@ -479,7 +495,9 @@ class MqttLink:
 
     def _connect_failed_with(self, exc: OSError | None) -> None:
         host, port = self._client.attempt_address
-        level = logging.ERROR if exc is None or isinstance(exc, ssl.SSLError) else logging.WARNING
+        # TLS problems need a person (certificates, CA); a broker that is down or restarting does not.
+        tls_problem = isinstance(exc, ssl.SSLError) or (exc is None and self._cfg.tls.enabled)
+        level = logging.ERROR if tls_problem else logging.WARNING
         self._connect_failed(level, describe_connect_error(exc, host, port))
 
     def _connect_failed(self, level: int, cause: str) -> None:
@@ -526,20 +544,22 @@ class MqttLink:
         if not outstanding or (lived > QUICK_SECONDS and not blamed):
             self._strikes.clear()
             return
-        mid = min(outstanding, key=lambda m: outstanding[m][1])
-        topic = outstanding[mid][0]
-        strikes = self._strikes.get(mid, 0) + 1
-        self._strikes = {mid: strikes}
-        if not blamed and strikes < POISON_STRIKES:
+        # Every message still in flight gets a strike; one that was acknowledged in between is cleared.
+        self._strikes = {mid: self._strikes.get(mid, 0) + 1 for mid in outstanding}
+        struck = [m for m, n in self._strikes.items() if blamed or n >= POISON_STRIKES]
+        if not struck:
             return
+        mid = min(struck, key=lambda m: outstanding[m][1])  # the oldest of them
+        topic, _, size = outstanding[mid]
+        strikes = self._strikes.pop(mid)
         client = self._client
-        with client._out_message_mutex:
-            client._out_messages.pop(mid, None)
+        client.drop_before_reconnect = (client.drop_before_reconnect or set()) | {mid}
         self._outbox.forget(mid)
+        if size > self._outbox.max_acked:
+            self._learned_max_packet = min(size, self._learned_max_packet or size)
         self._outbox.count("publishes_poisoned")
-        self._strikes.clear()
-        log.error("dropped the message on %r: the broker closed the connection while it was in flight "
-                  "(%s, %d time(s))", topic[:200], reason_code, strikes)  # fmt: skip
+        log.error("dropped the message on %r (%d bytes): the broker closed the connection while it was in flight "
+                  "(%s, %d time(s))", topic[:200], size, reason_code, strikes)  # fmt: skip
 
     @catch_log_exception
     def _on_publish(
