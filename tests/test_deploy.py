@@ -28,6 +28,11 @@ COMPOSE = DEPLOY / "docker" / "compose.yaml"
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
 UNIT = DEPLOY / "systemd" / "edge-agent.service"
 MOSQUITTO_CONF = DEPLOY / "mosquitto" / "mosquitto.conf"
+MOSQUITTO_DEV_CONF = DEPLOY / "mosquitto" / "mosquitto.dev.conf"
+MOSQUITTO_ACL = DEPLOY / "mosquitto" / "acl"
+DOCKER_MOSQUITTO_CONF = DEPLOY / "docker" / "mosquitto.conf"
+# Mounted by compose.yaml but made by the operator (mosquitto_passwd), never committed.
+OPERATOR_MADE = {"/mosquitto/config/passwd": DEPLOY / "docker" / "passwd"}
 DEMO = ROOT / "scripts" / "demo.sh"
 
 AGENT_ARGS = ["run", "--config", "/etc/edge-agent/agent.yaml"]
@@ -72,14 +77,27 @@ def test_compose_mounts_files_that_exist_and_a_valid_agent_config() -> None:
             source, target = str(volume).split(":")[:2]
             if source.startswith("."):
                 host = (COMPOSE.parent / source).resolve()
-                assert host.is_file(), f"{volume}: {host} does not exist"
+                assert host.is_file() or target in OPERATOR_MADE, f"{volume}: {host} does not exist"
                 mounted[target] = host
     config_path = mounted["/etc/edge-agent/agent.yaml"]
     cfg = load_config(config_path, env={})
     assert cfg.mqtt.host == "mosquitto"
     assert cfg.storage.type == "minio" and cfg.storage.endpoint == "minio:9000"
     assert str(cfg.recording.output_dir).startswith("/var/lib/edge-agent")
-    assert "/mosquitto/config/mosquitto.conf" in mounted
+    assert mounted["/mosquitto/config/mosquitto.conf"] == DOCKER_MOSQUITTO_CONF.resolve()
+    # The broker's password file and ACL are mounted where its config looks for them; the ACL is
+    # the one template (deploy/mosquitto/acl), the password file is the operator's and git-ignored.
+    options = dict(parse_mosquitto_conf(DOCKER_MOSQUITTO_CONF.read_text()))
+    assert mounted[options["acl_file"]] == MOSQUITTO_ACL.resolve()
+    assert mounted[options["password_file"]] == OPERATOR_MADE[options["password_file"]].resolve()
+    assert "/passwd" in (COMPOSE.parent / ".gitignore").read_text().split()
+    assert "mosquitto_passwd -c /work/passwd edge-01" in COMPOSE.read_text()
+    assert cfg.mqtt.username == cfg.device_id  # the ACL's model: a device's username is its device_id
+    agent_env = services["agent"]["environment"]
+    assert "EDGE_AGENT_MQTT_PASSWORD" in agent_env
+    # Anonymous clients are refused, so the health check counts a refusal as "the broker answers".
+    health = " ".join(services["mosquitto"]["healthcheck"]["test"])
+    assert "not authorised" in health and "-u " not in health
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
@@ -191,34 +209,76 @@ def parse_mosquitto_conf(text: str) -> list[tuple[str, str]]:
     return out
 
 
-def test_mosquitto_conf_is_local_anonymous_and_persistent() -> None:
+def test_mosquitto_conf_is_local_authenticated_and_persistent() -> None:
     entries = parse_mosquitto_conf(MOSQUITTO_CONF.read_text())
     options = dict(entries)
     assert [v for k, v in entries if k == "listener"] == ["1883 127.0.0.1"]
-    assert options["allow_anonymous"] == "true"
     assert options["persistence"] == "true"
     assert options["persistence_location"].startswith("/")
     assert 1 <= int(options["autosave_interval"]) <= 300
     assert int(options["max_queued_messages"]) >= 1000
+    assert options["password_file"] == "/etc/mosquitto/passwd"
+    assert options["acl_file"] == "/etc/mosquitto/acl"
+
+
+@pytest.mark.parametrize("conf", [MOSQUITTO_CONF, DOCKER_MOSQUITTO_CONF], ids=["local", "docker"])
+def test_shipped_mosquitto_confs_refuse_anonymous_and_tie_the_client_id_to_the_user(conf: Path) -> None:
+    entries = parse_mosquitto_conf(conf.read_text())
+    options = dict(entries)
+    assert options["allow_anonymous"] == "false"
+    assert options["password_file"].startswith("/") and options["acl_file"].startswith("/")
+    # A listener option: it must follow the (only) listener it protects.
+    keys = [k for k, _ in entries]
+    assert keys.count("listener") == 1 and keys.count("use_username_as_clientid") == 1
+    assert keys.index("listener") < keys.index("use_username_as_clientid")
+    assert options["use_username_as_clientid"] == "true"
+
+
+def test_mosquitto_dev_conf_is_loopback_only_and_says_never_expose() -> None:
+    text = MOSQUITTO_DEV_CONF.read_text()
+    assert "NEVER EXPOSE" in text.splitlines()[0]
+    entries = parse_mosquitto_conf(text)
+    options = dict(entries)
+    assert [v for k, v in entries if k == "listener"] == ["1883 127.0.0.1"]
+    assert options["allow_anonymous"] == "true"
+    assert "password_file" not in options and "acl_file" not in options
+
+
+def test_mosquitto_acl_template_gives_anonymous_clients_nothing() -> None:
+    """Mosquitto applies `topic` lines before the first `user` line to anonymous clients."""
+    lines = [line.split() for line in MOSQUITTO_ACL.read_text().splitlines() if line and not line.startswith("#")]
+    first_user = next(i for i, words in enumerate(lines) if words[0] == "user")
+    assert [w for w in lines[:first_user] if w[0] == "topic"] == []
+    assert ["pattern", "read", "edge/%u/+/cmd"] in lines and ["pattern", "write", "edge/%u/#"] in lines
 
 
 class ConfMosquitto(ManagedProcess):
-    """deploy/mosquitto/mosquitto.conf with only the port and data directory swapped."""
+    """A shipped Mosquitto config with only the port, data directory, password file and ACL paths swapped.
+
+    The ACL is deploy/mosquitto/acl itself; the password file holds one user made by mosquitto_passwd.
+    """
 
     name = "mosquitto-deploy-conf"
     start_timeout = 15.0
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, conf: Path = MOSQUITTO_CONF) -> None:
         super().__init__(workdir)
         self.port = free_port()
+        self.conf = conf
         self.config_path = self.workdir / "mosquitto.conf"
 
     def prepare(self) -> None:
         data = self.workdir / "data"
         data.mkdir(exist_ok=True)
-        text = MOSQUITTO_CONF.read_text()
+        passwd = self.workdir / "passwd"
+        if not passwd.exists():
+            subprocess.run(["mosquitto_passwd", "-c", "-b", str(passwd), "edge-01", "example-only"],
+                           check=True, capture_output=True, timeout=30)  # fmt: skip
+        text = self.conf.read_text()
         text = re.sub(r"(?m)^listener 1883 ", f"listener {self.port} ", text)
         text = re.sub(r"(?m)^persistence_location .*$", f"persistence_location {data}/", text)
+        text = re.sub(r"(?m)^password_file .*$", f"password_file {passwd}", text)
+        text = re.sub(r"(?m)^acl_file .*$", f"acl_file {MOSQUITTO_ACL}", text)
         if os.geteuid() == 0:
             text += "user root\n"  # else it drops to 'mosquitto', which cannot write tmp_path
         self.config_path.write_text(text)
@@ -238,6 +298,17 @@ def test_mosquitto_accepts_the_deploy_config(tmp_path: Path) -> None:
         log = broker.log_text()
     assert "Error" not in log, log
     assert (tmp_path / "data" / "mosquitto.db").exists()  # saved at shutdown: persistence is on
+
+
+@pytest.mark.integration
+def test_mosquitto_dev_conf_starts_and_takes_anonymous_clients(tmp_path: Path) -> None:
+    with ConfMosquitto(tmp_path, MOSQUITTO_DEV_CONF) as broker:
+        pub = subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1",
+                              "-t", "edge/edge-01/cam1/cmd", "-m", "ON"],
+                             capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+        log = broker.log_text()
+    assert pub.returncode == 0, pub.stderr
+    assert "Error" not in log, log
 
 
 # -------------------------------------------------------------------------------------------- demo
