@@ -57,7 +57,8 @@ def test_oversized_publish_is_dropped_and_the_agent_stays_on_the_air(
         prefix = "poison"
         rig = make_rig(tmp_path, broker, probe, prefix, make_agent, cameras={"cam1": {"url": camera.url("cam1")}},
                        storage={"type": "local"},
-                       mqtt={"protocol": protocol, "reconnect_min_seconds": 0.2, "reconnect_max_seconds": 1})  # fmt: skip
+                       mqtt={"protocol": protocol, "reconnect_min_seconds": 0.2,
+                             "reconnect_max_seconds": 1})  # fmt: skip
         doc = yaml.safe_load(rig.config_path.read_text())
         doc["telemetry_seconds"] = 1
         rig.config_path.write_text(yaml.safe_dump(doc))
