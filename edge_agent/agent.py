@@ -51,7 +51,14 @@ from edge_agent.recorder import (
 from edge_agent.redact import redact
 from edge_agent.tasks import Task, iso, stamp, utc_now
 from edge_agent.topics import DiscoveryTopics, Topics
-from edge_agent.uploads import UploadAttempt, UploadEvent, UploadFailed, UploadFinished, UploadRetrying
+from edge_agent.uploads import (
+    UploadAttempt,
+    UploadEvent,
+    UploadFailed,
+    UploadFinished,
+    UploadProgress,
+    UploadRetrying,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +102,10 @@ class PublishStats(Protocol):
 
 class UploadSubmitter(Protocol):
     def submit(self, task_id: str, path: Path, object_name: str, sha256: str, size: int,
-               created: float, attempts_before: int = 0) -> None: ...  # fmt: skip
+               created: float, attempts_before: int = 0, upload_id: str | None = None) -> None: ...  # fmt: skip
     def stop(self, timeout: float) -> None: ...
     def presign(self, object_name: str) -> str: ...
+    def sweep(self, prefix: str, keep: set[str]) -> None: ...
 
 
 RecorderFactory = Callable[[RecordingSpec, Callable[[RecorderEvent], None], bool], Recorder]
@@ -249,6 +257,10 @@ class Agent:
                 continue
             self._tasks[task.task_id] = task
             self._queue_upload(task)
+        if self._uploads is not None:
+            # Multipart uploads of recordings no longer pending (deleted, failed) hold storage forever.
+            keep = {t.object_name for t in self._tasks.values() if t.object_name}
+            self._uploads.sweep(f"{self.cfg.device_id}/", keep)
 
     # ---- the loop --------------------------------------------------------------------------
 
@@ -334,6 +346,10 @@ class Agent:
                 task = self._tasks.get(tid)
                 if task is not None:
                     self._update(task, status="uploading", upload_attempts=n)
+            case UploadProgress(task_id=tid, upload_id=upload_id, bytes_uploaded=done):
+                task = self._tasks.get(tid)
+                if task is not None:  # journaled at once: a restart resumes this multipart upload
+                    self._update(task, upload_id=upload_id, bytes_uploaded=done)
             case UploadRetrying(task_id=tid, attempts=n, next_retry_at=when, error=err):
                 task = self._tasks.get(tid)
                 self._last_upload_error = err
@@ -629,7 +645,7 @@ class Agent:
             self._release(task)
             return
         self._uploads.submit(task.task_id, path, task.object_name, task.sha256, task.size_bytes,
-                             task.started.timestamp(), task.upload_attempts or 0)  # fmt: skip
+                             task.started.timestamp(), task.upload_attempts or 0, task.upload_id)  # fmt: skip
 
     def _on_recording_failed(self, task_id: str, error: str) -> None:
         task = self._tasks.pop(task_id, None)
@@ -704,6 +720,7 @@ class Agent:
             "device_id": self.cfg.device_id,
             "queue_length": len(pending),
             "bytes_pending": sum(t.size_bytes or 0 for t in pending),
+            "bytes_uploaded": sum(t.bytes_uploaded or 0 for t in pending),  # of those, already on the server
         }
         if pending:
             oldest = min(t.started for t in pending)

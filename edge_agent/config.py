@@ -247,7 +247,13 @@ class StorageConfig(_Model):
     retry_max_seconds: float = Field(300.0, gt=0, description="cap of the exponential backoff")
     connect_timeout_seconds: float = Field(5.0, gt=0)
     read_timeout_seconds: float = Field(30.0, gt=0)
-    part_size_bytes: int = Field(16 * 1024 * 1024, ge=5 * 1024 * 1024)
+    part_size_bytes: int = Field(
+        8 * 1024 * 1024, ge=5 * 1024 * 1024,
+        description="multipart part size: at most this much is sent again after a dropped link",
+    )
+    stall_timeout_seconds: float = Field(
+        30.0, gt=0, description="an upload that moves no bytes this long is a dead link (retried)"
+    )
     min_free_bytes: int = Field(
         512 * 1024 * 1024, ge=0, description="refuse new starts below this much free disk"
     )

@@ -17,7 +17,7 @@ STATUS_FIELDS = (
     "status", "camera_id", "task_name", "device_id", "start_time", "updated_at", "storage_type",
     "local_file", "bucket", "object_name", "download_url", "stop_reason", "error", "local_file_deleted",
     "duration_seconds", "size_bytes", "sha256", "max_seconds", "interruptions", "recovered",
-    "upload_attempts", "next_retry_at", "last_upload_error", "rejected_segments",
+    "upload_attempts", "bytes_uploaded", "next_retry_at", "last_upload_error", "rejected_segments",
 )  # fmt: skip
 
 
@@ -69,6 +69,8 @@ class Task:
     last_upload_error: str | None = None
     rejected_segments: list[str] | None = None
     request_id: str | None = None
+    bytes_uploaded: int | None = None  # of the file, on the server (multipart progress)
+    upload_id: str | None = None  # the S3 multipart upload to resume (journaled, not published)
 
     @property
     def start_time(self) -> str:

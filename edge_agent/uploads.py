@@ -1,14 +1,30 @@
-"""Upload workers: the MinIO client, error classification, and tenacity around the one idempotent PUT.
+"""Upload workers: the S3 client, resumable multipart uploads, error classification, tenacity backoff.
 
 The queue itself is durable in the journal (the agent owns it); this module only executes jobs and
-posts `UploadAttempt` / `UploadRetrying` / `UploadFinished` / `UploadFailed` events back. A job's
-object key is fixed when the recording is made, so a retried or resumed upload overwrites the same
-key and never creates a duplicate.
+posts `UploadAttempt` / `UploadProgress` / `UploadRetrying` / `UploadFinished` / `UploadFailed` events
+back. A job's object key is fixed when the recording is made, so a retried or resumed upload writes
+the same key and never creates a duplicate.
+
+Resuming (weak uplinks, kill -9): a file larger than one part goes up as an S3 multipart upload whose
+id the agent journals (`UploadProgress`) as soon as it exists; every attempt, in this process or
+after a restart, first asks the server which parts it really has (ListParts), keeps each part whose
+size and ETag (the MD5 of the part for unencrypted uploads) match the local bytes, and sends only the
+rest. An upload id lost to a crash before it was journaled is found again with ListMultipartUploads on
+the exact key. minio-py's managed `put_object` cannot resume (minio-py #1484), so this uses its
+multipart calls (`_create_multipart_upload`, `_upload_part`, `_list_parts`, `_complete_multipart_upload`,
+`_abort_multipart_upload`, `_list_multipart_uploads`): non-public, so minio is pinned to 7.2.x and
+`tests/test_contract_s3.py` exercises each call against the real S3 server.
+
+A slow link is not a dead link: urllib3 sends a request body with one `sendall` bounded by the
+*connect* timeout, so a 16 MiB part had to leave within 5 s. `_PacedConnection` sends bodies in
+64 KiB slices, each bounded by `storage.stall_timeout_seconds` (no progress for that long = dead),
+paced by the bandwidth cap shared by all workers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import itertools
 import logging
@@ -23,7 +39,10 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 import urllib3
+import urllib3.connection
+import urllib3.connectionpool
 from minio import Minio
+from minio.datatypes import Part
 from minio.error import InvalidResponseError, S3Error, ServerError
 from tenacity import (
     RetryCallState,
@@ -59,6 +78,16 @@ class UploadAttempt:
 
 
 @dataclass(frozen=True)
+class UploadProgress:
+    """A multipart upload exists (`upload_id`, journaled at once so a restart resumes it) or one more
+    part is on the server: `bytes_uploaded` of the file are there."""
+
+    task_id: str
+    upload_id: str
+    bytes_uploaded: int
+
+
+@dataclass(frozen=True)
 class UploadRetrying:
     task_id: str
     attempts: int
@@ -83,7 +112,7 @@ class UploadFailed:
     attempts: int
 
 
-UploadEvent = UploadAttempt | UploadRetrying | UploadFinished | UploadFailed
+UploadEvent = UploadAttempt | UploadProgress | UploadRetrying | UploadFinished | UploadFailed
 
 
 @dataclass(order=True, frozen=True)
@@ -98,6 +127,15 @@ class UploadJob:
     sha256: str = field(compare=False)
     size: int = field(compare=False)
     attempts_before: int = field(default=0, compare=False)
+    upload_id: str | None = field(default=None, compare=False)  # a multipart upload to resume
+
+
+@dataclass
+class UploadState:
+    """What one job knows across its attempts: the multipart upload it writes to."""
+
+    upload_id: str | None = None
+    bytes_uploaded: int = 0
 
 
 # ---- the object store --------------------------------------------------------------------------
@@ -106,8 +144,11 @@ class UploadJob:
 class ObjectStore(Protocol):
     """What the workers need of S3; a fake implements it in unit tests."""
 
-    def put(self, job: UploadJob, stop: threading.Event) -> None: ...
+    def put(self, job: UploadJob, stop: threading.Event, state: UploadState,
+            progress: Callable[[UploadState], None]) -> None: ...  # fmt: skip
     def presign(self, object_name: str) -> str: ...
+    def abort(self, object_name: str, upload_id: str) -> None: ...
+    def sweep(self, prefix: str, keep: set[str]) -> int: ...
 
 
 def classify(exc: BaseException) -> UploadError:
@@ -129,21 +170,83 @@ def classify(exc: BaseException) -> UploadError:
     return PermanentUploadError(f"unexpected error: {exc!r}"[:300])
 
 
-class _RateLimited:
-    """File wrapper that holds reads to `rate` bytes/s on average (metered links)."""
+SEND_SLICE = 64 * 1024
 
-    def __init__(self, f: BinaryIO, rate: int, stop: threading.Event) -> None:
-        self._f, self._rate, self._stop = f, rate, stop
-        self._start = time.monotonic()
-        self._sent = 0
 
-    def read(self, size: int = -1) -> bytes:
-        data = self._f.read(size)
-        self._sent += len(data)
-        ahead = self._sent / self._rate - (time.monotonic() - self._start)
-        if ahead > 0 and self._stop.wait(ahead):
+class Pacer:
+    """The bandwidth cap shared by every upload worker (a token bucket in bytes), and the shutdown
+    event that interrupts a paced wait. Thread-safe: all workers' connections call `take`."""
+
+    def __init__(self, rate: int | None, stop: threading.Event) -> None:
+        self.rate = rate
+        self.stop = stop
+        self._lock = threading.Lock()
+        self._next = time.monotonic()  # when the link is free again
+
+    def take(self, n: int) -> None:
+        if self.stop.is_set():
             raise TransientUploadError("interrupted by shutdown")
-        return data
+        if not self.rate:
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + n / self.rate
+            wait = start - now
+        if wait > 0 and self.stop.wait(wait):
+            raise TransientUploadError("interrupted by shutdown")
+
+
+class _PacedConnection(urllib3.connection.HTTPConnection):
+    """Sends a request body in slices: each must leave within `stall_timeout` (a dead link is found
+    that fast), while a slow but moving transfer may take as long as it needs; paced by `pacer`."""
+
+    pacer: Pacer | None = None
+    stall_timeout: float = 30.0
+
+    def send(self, data: Any) -> None:
+        if not isinstance(data, bytes | bytearray | memoryview) or len(data) <= SEND_SLICE:
+            if self.pacer is not None and isinstance(data, bytes | bytearray | memoryview):
+                self.pacer.take(len(data))
+            super().send(data)
+            return
+        if self.sock is not None:
+            self.sock.settimeout(self.stall_timeout)
+        view = memoryview(data)
+        for offset in range(0, len(view), SEND_SLICE):
+            piece = view[offset : offset + SEND_SLICE]
+            if self.pacer is not None:
+                self.pacer.take(len(piece))
+            super().send(piece)
+
+
+class _PacedHTTPSConnection(_PacedConnection, urllib3.connection.HTTPSConnection):
+    pass
+
+
+def _paced_pools(pacer: Pacer, stall_timeout: float) -> dict[str, type[urllib3.connectionpool.HTTPConnectionPool]]:
+    """Connection pool classes whose connections are paced by `pacer` (one set per store)."""
+
+    class Conn(_PacedConnection):
+        pass
+
+    class SConn(_PacedHTTPSConnection):
+        pass
+
+    for cls in (Conn, SConn):
+        cls.pacer, cls.stall_timeout = pacer, stall_timeout
+
+    class Pool(urllib3.connectionpool.HTTPConnectionPool):
+        ConnectionCls = Conn
+
+    class SPool(urllib3.connectionpool.HTTPSConnectionPool):
+        ConnectionCls = SConn
+
+    return {"http": Pool, "https": SPool}
+
+
+def _etag(value: str | None) -> str:
+    return (value or "").strip().strip('"').lower()
 
 
 class MinioStore:
@@ -160,12 +263,14 @@ class MinioStore:
         if cfg.secure:
             # Verify the S3 server; storage.ca_file for a private CA (urllib3 otherwise uses the system store).
             tls = {"cert_reqs": "CERT_REQUIRED", "ca_certs": str(cfg.ca_file) if cfg.ca_file else None}
+        self._pacer = Pacer(cfg.bandwidth_limit_bytes_per_second, threading.Event())
         http_client = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=cfg.connect_timeout_seconds, read=cfg.read_timeout_seconds),
             retries=urllib3.Retry(total=1, connect=1, read=0, backoff_factor=0.2),
             maxsize=cfg.upload_workers + 1,
             **tls,
         )
+        http_client.pool_classes_by_scheme = _paced_pools(self._pacer, cfg.stall_timeout_seconds)
         self._client = Minio(
             cfg.endpoint,
             access_key=cfg.access_key.get_secret_value(),
@@ -190,19 +295,115 @@ class MinioStore:
                         raise
             self._bucket_ready = True
 
-    def put(self, job: UploadJob, stop: threading.Event) -> None:
+    def put(self, job: UploadJob, stop: threading.Event, state: UploadState,
+            progress: Callable[[UploadState], None]) -> None:  # fmt: skip
+        """Put the file at its key, resuming `state.upload_id` if the server still has it, then verify."""
+        self._pacer.stop = stop
         self._ensure_bucket()
         with job.path.open("rb") as f:
             size = job.path.stat().st_size
             if size != job.size:
                 raise PermanentUploadError(f"local file changed size ({size} != {job.size} bytes)")
-            data: Any = f
-            if self._cfg.bandwidth_limit_bytes_per_second:
-                data = _RateLimited(f, self._cfg.bandwidth_limit_bytes_per_second, stop)
-            self._client.put_object(
-                self._cfg.bucket, job.object_name, data, size, content_type="video/mp4",
-                metadata={CHECKSUM_META: job.sha256}, part_size=self._cfg.part_size_bytes,
-            )  # fmt: skip
+            headers = {"Content-Type": "video/mp4", f"x-amz-meta-{CHECKSUM_META}": job.sha256}
+            if size <= self._cfg.part_size_bytes:
+                self._client._put_object(self._cfg.bucket, job.object_name, f.read(), headers=dict(headers))
+                state.bytes_uploaded = size
+            else:
+                self._put_multipart(job, f, size, headers, stop, state, progress)
+        self._verify(job)
+
+    def _put_multipart(self, job: UploadJob, f: BinaryIO, size: int, headers: dict[str, str],
+                       stop: threading.Event, state: UploadState,
+                       progress: Callable[[UploadState], None]) -> None:  # fmt: skip
+        bucket, key, part_size = self._cfg.bucket, job.object_name, self._cfg.part_size_bytes
+        have = self._server_parts(key, state) if state.upload_id else None
+        if have is None:
+            state.upload_id = self._adopt(key)
+            have = self._server_parts(key, state) if state.upload_id else None
+        if have is None or state.upload_id is None:
+            state.upload_id = self._client._create_multipart_upload(bucket, key, dict(headers))
+            have = {}
+        count = (size + part_size - 1) // part_size
+        done: list[Part] = []
+        state.bytes_uploaded = 0
+        reused = 0
+        progress(state)  # journal the upload id before the first byte goes
+        for number in range(1, count + 1):
+            if stop.is_set():
+                raise TransientUploadError("interrupted by shutdown")
+            f.seek((number - 1) * part_size)
+            data = f.read(part_size)
+            server = have.get(number)
+            if server is not None and server.size == len(data) and \
+                    _etag(server.etag) == hashlib.md5(data, usedforsecurity=False).hexdigest():  # fmt: skip
+                etag, reused = server.etag, reused + 1
+            else:
+                etag = self._client._upload_part(bucket, key, data, None, state.upload_id, number)
+            done.append(Part(number, etag))
+            state.bytes_uploaded += len(data)
+            progress(state)
+        if reused:
+            log.info("upload of %s resumed: %d of %d parts were already on the server", job.task_id, reused, count)
+        self._client._complete_multipart_upload(bucket, key, state.upload_id, done)
+
+    def _server_parts(self, key: str, state: UploadState) -> dict[int, Part] | None:
+        """The parts the server holds for `state.upload_id`, or None if it no longer knows the upload."""
+        assert state.upload_id is not None
+        parts: dict[int, Part] = {}
+        marker: str | None = None
+        try:
+            while True:
+                result = self._client._list_parts(self._cfg.bucket, key, state.upload_id, part_number_marker=marker)
+                parts.update({p.part_number: p for p in result.parts})
+                if not result.is_truncated or not result.next_part_number_marker:
+                    return parts
+                marker = result.next_part_number_marker
+        except S3Error as exc:
+            if exc.code == "NoSuchUpload":
+                log.info("multipart upload of %s is gone from the server; starting a new one", key)
+                state.upload_id = None
+                return None
+            raise
+
+    def _adopt(self, key: str) -> str | None:
+        """An unfinished multipart upload of exactly `key` (e.g. begun before a crash that came before
+        its id was journaled): the newest is resumed, any others aborted."""
+        uploads = [u for u in self._list_uploads(key) if u.object_name == key and u.upload_id]
+        uploads.sort(key=lambda u: u.initiated_time.timestamp() if u.initiated_time else 0.0)
+        for old in uploads[:-1]:
+            assert old.upload_id is not None
+            self.abort(key, old.upload_id)
+        return uploads[-1].upload_id if uploads else None
+
+    def _list_uploads(self, prefix: str) -> list[Any]:
+        out: list[Any] = []
+        key_marker: str | None = None
+        id_marker: str | None = None
+        while True:
+            result = self._client._list_multipart_uploads(
+                self._cfg.bucket, prefix=prefix, key_marker=key_marker, upload_id_marker=id_marker
+            )
+            out.extend(result.uploads)
+            if not result.is_truncated or not (result.next_key_marker or result.next_upload_id_marker):
+                return out
+            key_marker, id_marker = result.next_key_marker, result.next_upload_id_marker
+
+    def abort(self, object_name: str, upload_id: str) -> None:
+        with contextlib.suppress(S3Error):
+            self._client._abort_multipart_upload(self._cfg.bucket, object_name, upload_id)
+
+    def sweep(self, prefix: str, keep: set[str]) -> int:
+        """Abort unfinished multipart uploads under `prefix` whose key is not in `keep` (recordings
+        deleted or failed while an upload was half done); their parts would cost storage forever."""
+        self._ensure_bucket()
+        aborted = 0
+        for upload in self._list_uploads(prefix):
+            if upload.object_name not in keep and upload.upload_id:
+                self.abort(upload.object_name, upload.upload_id)
+                aborted += 1
+        return aborted
+
+    def _verify(self, job: UploadJob) -> None:
         stat = self._client.stat_object(self._cfg.bucket, job.object_name)
         meta = {k.lower(): v for k, v in (stat.metadata or {}).items()}
         remote = meta.get(f"x-amz-meta-{CHECKSUM_META}")
@@ -244,10 +445,24 @@ class UploadPool:
             t.start()
 
     def submit(self, task_id: str, path: Path, object_name: str, sha256: str, size: int,
-               created: float, attempts_before: int = 0) -> None:  # fmt: skip
+               created: float, attempts_before: int = 0, upload_id: str | None = None) -> None:  # fmt: skip
         priority = created if self._cfg.upload_order == "oldest" else -created
         self._jobs.put(UploadJob(priority, next(self._seq), task_id, path, object_name, sha256, size,
-                                 attempts_before))  # fmt: skip
+                                 attempts_before, upload_id))  # fmt: skip
+
+    def sweep(self, prefix: str, keep: set[str]) -> None:
+        """In the background: abort stale multipart uploads under `prefix` not in `keep`."""
+
+        def run() -> None:
+            try:
+                n = self._store.sweep(prefix, keep)
+            except Exception as exc:
+                log.warning("could not list unfinished multipart uploads (%s); will try at the next start", exc)
+                return
+            if n:
+                log.info("aborted %d stale multipart upload(s) under %s", n, prefix)
+
+        threading.Thread(target=run, name="uploads.sweep", daemon=True).start()
 
     def stop(self, timeout: float) -> None:
         """Stop retrying and wait up to `timeout` for in-flight attempts; pending jobs stay journaled."""
@@ -278,6 +493,11 @@ class UploadPool:
 
     def _run(self, job: UploadJob) -> None:
         attempts = job.attempts_before
+        state = UploadState(upload_id=job.upload_id)
+
+        def progress(st: UploadState) -> None:
+            if st.upload_id is not None:
+                self._post(UploadProgress(job.task_id, st.upload_id, st.bytes_uploaded))
 
         def attempt() -> None:
             nonlocal attempts
@@ -286,7 +506,7 @@ class UploadPool:
             attempts += 1
             self._post(UploadAttempt(job.task_id, attempts))
             try:
-                self._store.put(job, self._stop)
+                self._store.put(job, self._stop, state, progress)
             except Exception as exc:
                 raise classify(exc) from exc
 
@@ -315,6 +535,9 @@ class UploadPool:
             log.info("upload of %s left queued at shutdown (%s)", job.task_id, exc)
             return
         except PermanentUploadError as exc:
+            if state.upload_id is not None:  # its parts would cost storage forever
+                with contextlib.suppress(Exception):
+                    self._store.abort(job.object_name, state.upload_id)
             self._post(UploadFailed(job.task_id, str(exc), attempts))
             return
         # Only where it is published retained (storage.download_url); replies presign on demand.

@@ -61,10 +61,16 @@ class FakeUploads:
     submitted: list[dict[str, Any]] = field(default_factory=list)
     stopped: bool = False
 
+    swept: list[tuple[str, set[str]]] = field(default_factory=list)
+
     def submit(self, task_id: str, path: Path, object_name: str, sha256: str, size: int,
-               created: float, attempts_before: int = 0) -> None:  # fmt: skip
+               created: float, attempts_before: int = 0, upload_id: str | None = None) -> None:  # fmt: skip
         self.submitted.append({"task_id": task_id, "path": path, "object_name": object_name, "sha256": sha256,
-                               "size": size, "created": created, "attempts_before": attempts_before})  # fmt: skip
+                               "size": size, "created": created, "attempts_before": attempts_before,
+                               "upload_id": upload_id})  # fmt: skip
+
+    def sweep(self, prefix: str, keep: set[str]) -> None:
+        self.swept.append((prefix, keep))
 
     def stop(self, timeout: float) -> None:
         self.stopped = True

@@ -6,7 +6,7 @@ import http.client
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from edge_agent.uploads import (
     UploadJob,
     UploadPool,
     UploadRetrying,
+    UploadState,
     classify,
 )
 
@@ -103,7 +104,8 @@ class FakeStore:
         self.puts: list[str] = []
         self.lock = threading.Lock()
 
-    def put(self, job: UploadJob, stop: threading.Event) -> None:
+    def put(self, job: UploadJob, stop: threading.Event, state: UploadState,
+            progress: Callable[[UploadState], None]) -> None:  # fmt: skip
         with self.lock:
             self.puts.append(job.task_id)
             outcome = self.outcomes.pop(0) if self.outcomes else self.default
@@ -112,6 +114,12 @@ class FakeStore:
 
     def presign(self, object_name: str) -> str:
         return f"https://s3.example/recordings/{object_name}?X-Amz-Signature=abc"
+
+    def abort(self, object_name: str, upload_id: str) -> None:
+        self.aborted = [*getattr(self, "aborted", []), (object_name, upload_id)]
+
+    def sweep(self, prefix: str, keep: set[str]) -> int:
+        return 0
 
 
 def storage(**over: Any) -> StorageConfig:
