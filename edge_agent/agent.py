@@ -106,6 +106,7 @@ class UploadSubmitter(Protocol):
     def stop(self, timeout: float) -> None: ...
     def presign(self, object_name: str) -> str: ...
     def sweep(self, prefix: str, keep: set[str]) -> None: ...
+    def set_paused(self, paused: bool) -> None: ...
 
 
 RecorderFactory = Callable[[RecordingSpec, Callable[[RecorderEvent], None], bool], Recorder]
@@ -151,6 +152,7 @@ class Agent:
         self._secrets = self._collect_secrets()
         self._gate = gate
         self._url_retained = cfg.storage.download_url == "retained"
+        self._uploads_paused = False  # pause_uploads (persisted in the journal's settings)
         self._buckets: dict[str, TokenBucket] = {}  # camera ("" for unknown ones) -> command rate
         self._limited_replies: dict[str, TokenBucket] = {}  # camera -> budget of rate_limited replies
         self._counters = {"commands_received": 0, "commands_rate_limited": 0, "commands_unanswered": 0}
@@ -159,6 +161,8 @@ class Agent:
             "stop": self._cmd_stop,
             "status": self._cmd_status,
             "query": self._cmd_query,
+            "pause_uploads": self._cmd_pause_uploads,
+            "resume_uploads": self._cmd_resume_uploads,
         }
         self._stopping = False
         self._connected_once = False
@@ -258,6 +262,10 @@ class Agent:
             self._tasks[task.task_id] = task
             self._queue_upload(task)
         if self._uploads is not None:
+            if self._journal.setting("uploads_paused") == "1":
+                log.warning("uploads are paused (pause_uploads); send resume_uploads to continue")
+                self._uploads_paused = True
+                self._uploads.set_paused(True)
             # Multipart uploads of recordings no longer pending (deleted, failed) hold storage forever.
             keep = {t.object_name for t in self._tasks.values() if t.object_name}
             self._uploads.sweep(f"{self.cfg.device_id}/", keep)
@@ -545,6 +553,26 @@ class Agent:
             return {"status": "not_found", "camera_id": camera, "task_name": cmd.task_name}, False
         return self._reply_doc(task), True
 
+    def _cmd_pause_uploads(self, camera: str, cmd: Command) -> tuple[dict[str, Any], bool]:
+        return self._set_uploads_paused(camera, True)
+
+    def _cmd_resume_uploads(self, camera: str, cmd: Command) -> tuple[dict[str, Any], bool]:
+        return self._set_uploads_paused(camera, False)
+
+    def _set_uploads_paused(self, camera: str, paused: bool) -> tuple[dict[str, Any], bool]:
+        """Device-wide (sent on any camera's command topic): a metered link stops every upload at the
+        next 64 KiB and starts no new one until resumed; recordings go on; survives restarts."""
+        if self._uploads is None:
+            return {"status": "error", "camera_id": camera, "error": "storage.type is local: nothing uploads"}, False
+        self._journal.set_setting("uploads_paused", "1" if paused else "0")
+        self._uploads_paused = paused
+        self._uploads.set_paused(paused)
+        log.warning("uploads %s by command", "paused" if paused else "resumed")
+        self._publish_uploads(force=True)
+        doc = {"status": "uploads_paused" if paused else "uploads_running", "camera_id": camera,
+               "device_id": self.cfg.device_id}  # fmt: skip
+        return doc, True
+
     def _reply_doc(self, task: Task) -> dict[str, Any]:
         """A task's status for a reply: with `storage.download_url: replies`, plus a freshly presigned
         URL (valid `presign_seconds` from now), which then never sits on a retained topic."""
@@ -721,6 +749,7 @@ class Agent:
             "queue_length": len(pending),
             "bytes_pending": sum(t.size_bytes or 0 for t in pending),
             "bytes_uploaded": sum(t.bytes_uploaded or 0 for t in pending),  # of those, already on the server
+            "paused": self._uploads_paused,
         }
         if pending:
             oldest = min(t.started for t in pending)

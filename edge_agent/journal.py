@@ -24,6 +24,10 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_by_camera ON tasks (camera_id, started_at);
 CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status);
+CREATE TABLE IF NOT EXISTS settings (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS quarantine (
     task_id   TEXT NOT NULL,
     reason    TEXT NOT NULL,
@@ -95,6 +99,16 @@ class Journal:
             (camera_id, camera_id, keep),
         )
         return cur.rowcount
+
+    def setting(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_setting(self, key: str, value: str) -> None:
+        self._db.execute(
+            "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
 
     def quarantine(self, problem: Callable[[str, str], str | None]) -> list[tuple[str, str]]:
         """Move every task whose camera id or task name `problem` objects to out of `tasks` (kept in

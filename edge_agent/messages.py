@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 from edge_agent import names
 from edge_agent.errors import CommandError
 
-Action = Literal["start", "stop", "status", "query"]
+Action = Literal["start", "stop", "status", "query", "pause_uploads", "resume_uploads"]
 
 # Status values. Active ones hold the camera; terminal ones free it.
 ACTIVE_STATUSES = frozenset({"starting", "recording", "stopping"})

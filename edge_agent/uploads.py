@@ -148,6 +148,7 @@ class ObjectStore(Protocol):
             progress: Callable[[UploadState], None]) -> None: ...  # fmt: skip
     def presign(self, object_name: str) -> str: ...
     def abort(self, object_name: str, upload_id: str) -> None: ...
+    def set_paused(self, paused: bool) -> None: ...
     def sweep(self, prefix: str, keep: set[str]) -> int: ...
 
 
@@ -180,12 +181,21 @@ class Pacer:
     def __init__(self, rate: int | None, stop: threading.Event) -> None:
         self.rate = rate
         self.stop = stop
+        self.running = threading.Event()  # cleared by `pause_uploads`: no byte goes out
+        self.running.set()
         self._lock = threading.Lock()
         self._next = time.monotonic()  # when the link is free again
+
+    def wait_running(self) -> None:
+        """Block while uploads are paused (a metered link); shutdown interrupts."""
+        while not self.running.wait(1.0):
+            if self.stop.is_set():
+                raise TransientUploadError("interrupted by shutdown")
 
     def take(self, n: int) -> None:
         if self.stop.is_set():
             raise TransientUploadError("interrupted by shutdown")
+        self.wait_running()
         if not self.rate:
             return
         with self._lock:
@@ -263,14 +273,14 @@ class MinioStore:
         if cfg.secure:
             # Verify the S3 server; storage.ca_file for a private CA (urllib3 otherwise uses the system store).
             tls = {"cert_reqs": "CERT_REQUIRED", "ca_certs": str(cfg.ca_file) if cfg.ca_file else None}
-        self._pacer = Pacer(cfg.bandwidth_limit_bytes_per_second, threading.Event())
+        self.pacer = Pacer(cfg.bandwidth_limit_bytes_per_second, threading.Event())
         http_client = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=cfg.connect_timeout_seconds, read=cfg.read_timeout_seconds),
             retries=urllib3.Retry(total=1, connect=1, read=0, backoff_factor=0.2),
             maxsize=cfg.upload_workers + 1,
             **tls,
         )
-        http_client.pool_classes_by_scheme = _paced_pools(self._pacer, cfg.stall_timeout_seconds)
+        http_client.pool_classes_by_scheme = _paced_pools(self.pacer, cfg.stall_timeout_seconds)
         self._client = Minio(
             cfg.endpoint,
             access_key=cfg.access_key.get_secret_value(),
@@ -298,7 +308,7 @@ class MinioStore:
     def put(self, job: UploadJob, stop: threading.Event, state: UploadState,
             progress: Callable[[UploadState], None]) -> None:  # fmt: skip
         """Put the file at its key, resuming `state.upload_id` if the server still has it, then verify."""
-        self._pacer.stop = stop
+        self.pacer.stop = stop
         self._ensure_bucket()
         with job.path.open("rb") as f:
             size = job.path.stat().st_size
@@ -388,6 +398,12 @@ class MinioStore:
                 return out
             key_marker, id_marker = result.next_key_marker, result.next_upload_id_marker
 
+    def set_paused(self, paused: bool) -> None:
+        if paused:
+            self.pacer.running.clear()
+        else:
+            self.pacer.running.set()
+
     def abort(self, object_name: str, upload_id: str) -> None:
         with contextlib.suppress(S3Error):
             self._client._abort_multipart_upload(self._cfg.bucket, object_name, upload_id)
@@ -434,6 +450,9 @@ class UploadPool:
         self._post = post
         self._jobs: queue.PriorityQueue[UploadJob] = queue.PriorityQueue()
         self._stop = threading.Event()
+        self.paused = False
+        self._running = threading.Event()
+        self._running.set()
         self._seq = itertools.count()
         self._threads = [
             threading.Thread(target=self._work, name=f"uploads.{i}", daemon=True)
@@ -449,6 +468,15 @@ class UploadPool:
         priority = created if self._cfg.upload_order == "oldest" else -created
         self._jobs.put(UploadJob(priority, next(self._seq), task_id, path, object_name, sha256, size,
                                  attempts_before, upload_id))  # fmt: skip
+
+    def set_paused(self, paused: bool) -> None:
+        """`pause_uploads` / `resume_uploads`: in-flight transfers stop sending at the next 64 KiB."""
+        self.paused = paused
+        if paused:
+            self._running.clear()
+        else:
+            self._running.set()
+        self._store.set_paused(paused)
 
     def sweep(self, prefix: str, keep: set[str]) -> None:
         """In the background: abort stale multipart uploads under `prefix` not in `keep`."""
@@ -501,6 +529,9 @@ class UploadPool:
 
         def attempt() -> None:
             nonlocal attempts
+            while not self._running.wait(1.0):  # paused (metered link): no new attempt either
+                if self._stop.is_set():
+                    break
             if self._stop.is_set():  # woken from backoff by shutdown: no new attempt
                 raise TransientUploadError("shutting down")
             attempts += 1

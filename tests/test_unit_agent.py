@@ -22,7 +22,7 @@ from edge_agent.journal import Journal
 from edge_agent.mqtt import CommandReceived, Connected
 from edge_agent.recorder import MediaStarted, RecorderEvent, RecordingFailed, RecordingFinished, RecordingSpec
 from edge_agent.tasks import parse_iso, stamp
-from edge_agent.uploads import UploadAttempt, UploadFailed, UploadFinished, UploadRetrying
+from edge_agent.uploads import UploadAttempt, UploadFailed, UploadFinished, UploadProgress, UploadRetrying
 
 CAM_PASSWORD = "camPw-zq7-secret"
 P_D = "edge/edge-01"
@@ -71,6 +71,9 @@ class FakeUploads:
 
     def sweep(self, prefix: str, keep: set[str]) -> None:
         self.swept.append((prefix, keep))
+
+    def set_paused(self, paused: bool) -> None:
+        self.paused = paused
 
     def stop(self, timeout: float) -> None:
         self.stopped = True
@@ -651,3 +654,35 @@ def test_download_url_stays_off_retained_topics_unless_asked(build: Callable[...
         assert doc["download_url"] == f"https://s3.example/recordings/{obj}?X-Amz-Signature=fresh"
     else:
         assert "download_url" not in doc
+
+
+def test_pause_and_resume_uploads_persist_and_show_in_the_uploads_summary(
+    build: Callable[..., Harness], tmp_path: Path
+) -> None:
+    h = build(storage=MINIO)
+    reply = h.cmd({"action": "pause_uploads", "request_id": "p1"})
+    assert reply["ok"] is True and reply["status"] == "uploads_paused"
+    assert h.uploads.paused is True  # type: ignore[attr-defined]
+    assert h.pub.retained(f"{P_D}/uploads")["paused"] is True  # type: ignore[index]
+    # A restart keeps the pause (a metered link stays metered).
+    again = make_harness(tmp_path, h.agent.cfg, FakePublisher(), [])
+    again.agent.recover()
+    assert again.uploads.paused is True  # type: ignore[attr-defined]
+    reply = h.cmd({"action": "resume_uploads"})
+    assert reply["status"] == "uploads_running" and h.uploads.paused is False  # type: ignore[attr-defined]
+    assert h.pub.retained(f"{P_D}/uploads")["paused"] is False  # type: ignore[index]
+
+
+def test_upload_progress_is_journaled_and_resumed_with_its_upload_id(build: Callable[..., Harness]) -> None:
+    h = build(storage=MINIO)
+    h.start("big")
+    rec = h.recorders[0]
+    h.agent.handle(MediaStarted(rec.spec.task_id))
+    h.cmd({"action": "stop", "task_name": "big"})
+    h.finish(rec, size=40 * 2**20)
+    h.agent.handle(UploadProgress(rec.spec.task_id, "upload-123", 16 * 2**20))
+    doc = h.pub.retained(h.task_topic("big"))
+    assert doc is not None and doc["bytes_uploaded"] == 16 * 2**20 and "upload_id" not in doc
+    assert h.pub.retained(f"{P_D}/uploads")["bytes_uploaded"] == 16 * 2**20  # type: ignore[index]
+    journaled = h.journal.find("cam1", "big")
+    assert journaled is not None and journaled.upload_id == "upload-123"

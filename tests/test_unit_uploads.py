@@ -121,6 +121,9 @@ class FakeStore:
     def sweep(self, prefix: str, keep: set[str]) -> int:
         return 0
 
+    def set_paused(self, paused: bool) -> None:
+        self.paused = paused
+
 
 def storage(**over: Any) -> StorageConfig:
     fields: dict[str, Any] = {
