@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from edge_agent import __version__, ctl, ffmpeg, notify
+from edge_agent import __version__, ctl, ffmpeg, notify, tls
 from edge_agent.agent import Agent, Event, Shutdown
 from edge_agent.config import AgentConfig, load_config, secret_values
 from edge_agent.errors import ConfigError
@@ -97,6 +97,11 @@ def cmd_check_config(path: Path) -> int:
         ffmpeg.resolve_executable(cfg.recording.ffmpeg_path, "ffmpeg")
     except Exception as exc:
         problems.append(f"recording.ffmpeg_path: {exc}")
+    if cfg.mqtt.tls.enabled:
+        try:
+            tls.client_context(cfg.mqtt.tls)  # loads the CA, certificate and key as the agent will
+        except ConfigError as exc:  # a warning: the files may live only on the device
+            problems.append(str(exc))
     for p in problems:
         print(f"warning: {p}", file=sys.stderr)
     print(f"{path}: OK (device {cfg.device_id}, {len(cfg.cameras)} camera(s), storage {cfg.storage.type})")
@@ -224,4 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: invalid configuration:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
     redactor = setup_logging(args.log_level or cfg.log_level, args.log_format, secret_values(cfg))
-    return run_agent(cfg, redactor)
+    try:
+        return run_agent(cfg, redactor)
+    except ConfigError as exc:  # found only when used, e.g. a TLS key that its key_password does not open
+        log.error("invalid configuration: %s", exc)
+        return EXIT_CONFIG

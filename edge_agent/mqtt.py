@@ -231,6 +231,10 @@ class _Client(paho.Client):
         return None
 
 
+# Failures that tell only that the broker went away, not why.
+_UNINFORMATIVE = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError, BrokenPipeError)
+
+
 def describe_connect_error(exc: OSError | None, host: str, port: int) -> str:
     """One line saying why a connection attempt to the broker failed (no secrets: only the address).
 
@@ -241,7 +245,8 @@ def describe_connect_error(exc: OSError | None, host: str, port: int) -> str:
     if exc is None:
         return f"{where} closed the connection before accepting it (no CONNACK)"
     if isinstance(exc, ssl.SSLCertVerificationError):
-        detail = exc.verify_message or exc.reason or "unknown reason"
+        # getattr: only errors raised by the ssl module itself carry these attributes.
+        detail = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or "unknown reason"
         return f"TLS handshake with {where} failed: certificate verify failed: {detail}"
     if isinstance(exc, ssl.SSLError):
         text = str(exc)
@@ -249,7 +254,7 @@ def describe_connect_error(exc: OSError | None, host: str, port: int) -> str:
             text = text[: text.rindex("(_ssl.c:")].rstrip()
         if text.startswith("[") and "] " in text:
             text = text.split("] ", 1)[1]  # "[SSL: SSLV3_ALERT_CERTIFICATE_EXPIRED] sslv3 alert ..."
-        reason = exc.reason or ""
+        reason = getattr(exc, "reason", None) or ""
         if "ALERT" in reason and ("CERTIFICATE" in reason or "UNKNOWN_CA" in reason):
             text += " (the broker rejected our client certificate: check mqtt.tls.cert_file)"
         return f"TLS handshake with {where} failed: {text or type(exc).__name__}"
@@ -516,6 +521,14 @@ class MqttLink:
 
     def _connect_failed_with(self, exc: OSError | None) -> None:
         host, port = self._client.attempt_address
+        known = self._failure_causes.get((host, port))
+        if known is not None and (exc is None or isinstance(exc, _UNINFORMATIVE)):
+            # A bare EOF or reset after a known cause says nothing new (seen under load with an expired
+            # client certificate: now and then the broker's alert is lost to the TCP reset); keep the cause.
+            self._client.attempt_reported = True
+            log.debug("connection attempt failed again: %s (last reported: %s)",
+                      describe_connect_error(exc, host, port), known)  # fmt: skip
+            return
         # TLS problems need a person (certificates, CA); a broker that is down or restarting does not.
         tls_problem = isinstance(exc, ssl.SSLError) or (exc is None and self._cfg.tls.enabled)
         level = logging.ERROR if tls_problem else logging.WARNING
