@@ -5,10 +5,13 @@ Every benchmark prints a markdown table and writes the same numbers as JSON to `
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -254,3 +257,171 @@ def write_results(name: str, data: dict[str, Any], quick: bool) -> Path:
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------- children measured by rusage
+
+
+class Child:
+    """A process the benchmark starts itself, reaped with ``os.wait4`` so its CPU is exact.
+
+    A process that has exited has no /proc entry left: its utime+stime (and those of the children
+    it reaped) are what the kernel adds to its parent's cutime/cstime in /proc/<parent>/stat, and
+    ``wait4`` returns exactly that figure for this one child (in microseconds, not 10 ms ticks).
+    So the whole life of the process is counted, start-up and exit work (a faststart rewrite)
+    included. Never call ``proc.wait()``/``poll()`` on it: reaping must go through :meth:`reap`.
+    """
+
+    def __init__(self, argv: Sequence[str], log_path: Path, *, stdin: bool = False,
+                 stdout: Path | None = None, pipe_stdout: bool = False) -> None:  # fmt: skip
+        self.argv = list(argv)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = log_path.open("ab")
+        self._out = stdout.open("wb") if stdout is not None else None
+        out: Any = subprocess.PIPE if pipe_stdout else (self._out or subprocess.DEVNULL)
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            self.argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=out, stderr=self._log,
+            start_new_session=True,
+        )  # fmt: skip
+        self.ended: float | None = None
+        self.returncode: int | None = None
+        self.cpu_s: float | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        """True while the process has not exited (checked without reaping it)."""
+        if self.returncode is not None:
+            return False
+        try:
+            state = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        return state != "Z"
+
+    def quit(self) -> None:
+        """``q`` on stdin: FFmpeg's own clean stop (writes the trailer, runs +faststart)."""
+        with contextlib.suppress(OSError, ValueError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(b"q")
+            self.proc.stdin.close()
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def reap(self, timeout: float) -> float:
+        """Wait (bounded) for the exit, SIGKILL after ``timeout``; returns the CPU seconds of its life."""
+        if self.cpu_s is not None:
+            return self.cpu_s
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(self.pid, os.WNOHANG)
+            if pid == self.pid:
+                break
+            if time.monotonic() >= deadline:
+                log(f"pid {self.pid} did not exit within {timeout:g} s: SIGKILL ({self.argv[0]})")
+                self.signal(signal.SIGKILL)
+                _, status, usage = os.wait4(self.pid, 0)
+                break
+            time.sleep(0.02)
+        self.ended = time.monotonic()
+        self.returncode = os.waitstatus_to_exitcode(status)
+        self.proc.returncode = self.returncode  # reaped here: Popen must not wait for it again
+        self.cpu_s = usage.ru_utime + usage.ru_stime
+        for f in (self._log, self._out, self.proc.stdin):  # a stdout pipe belongs to whoever drains it
+            with contextlib.suppress(OSError):
+                if f is not None:
+                    f.close()
+        return self.cpu_s
+
+
+def run_child(argv: Sequence[str], log_path: Path, timeout: float) -> tuple[int, float, str]:
+    """Run a short command to its end: (exit code, CPU seconds from rusage, its stdout)."""
+    out = log_path.with_suffix(".out")
+    child = Child(argv, log_path, stdout=out)
+    cpu = child.reap(timeout)
+    text = out.read_text(errors="replace")
+    out.unlink(missing_ok=True)
+    return child.returncode or 0, cpu, text
+
+
+# ------------------------------------------------------------------------------ committed results
+
+DOCS_RESULTS = ROOT / "docs" / "results"
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def git_facts() -> dict[str, Any]:
+    """The commit measured and whether tracked files differed from it (the agent loads its code at start)."""
+    head = _git("rev-parse", "HEAD")
+    changed = _git("status", "--porcelain", "--untracked-files=no")
+    paths = [line[3:] for line in (changed or "").splitlines() if line.strip()]
+    return {
+        "commit": head.strip() if head else None,
+        "dirty": bool(paths) if changed is not None else None,
+        "dirty_paths": paths[:50],
+        "dirty_package": any(p.startswith("edge_agent/") for p in paths),
+    }
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def mem_total_kib() -> int | None:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1])
+    return None
+
+
+def tool_version(argv: Sequence[str]) -> str | None:
+    try:
+        done = subprocess.run(list(argv), capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (done.stdout or done.stderr).splitlines()[0] if (done.stdout or done.stderr) else None
+
+
+def run_facts(loadavg_before: list[float]) -> dict[str, Any]:
+    """Commit and machine facts stored beside every committed result (load before and after the run)."""
+    return {
+        **git_facts(),
+        "cpu_model": cpu_model(),
+        "cores": os.cpu_count(),
+        "mem_total_kib": mem_total_kib(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "ffmpeg": tool_version(["ffmpeg", "-version"]),
+        "host": platform.node(),
+        "loadavg_before": loadavg_before,
+        "loadavg_after": loadavg(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def write_docs_results(kind: str, data: dict[str, Any], results_dir: Path | None = None) -> Path:
+    """``<dir>/<kind>_<date-time>.json`` plus the stable ``<kind>_latest.json`` (default dir docs/results)."""
+    directory = results_dir or DOCS_RESULTS
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    text = json.dumps({"benchmark": kind, **data}, indent=2, default=str) + "\n"
+    path = directory / f"{kind}_{stamp}.json"
+    path.write_text(text)
+    (directory / f"{kind}_latest.json").write_text(text)
+    return path

@@ -1,45 +1,84 @@
-"""CPU per camera: the agent recording N cameras in copy mode against N bare FFmpeg processes.
+"""Whole-task CPU: the agent against the plain `ffmpeg -c copy` MP4 users compare it with.
 
-For each N, one camera simulator with N mounts (``--single-mount``: every camera reads ``cam1``),
-then per round, side by side in the same measurement window:
-(a) N bare ``ffmpeg`` processes with exactly ``edge_agent.ffmpeg.record_argv(mode="copy")``
-    (stdout, the ``-progress`` stream, goes to /dev/null: nothing to drain);
-(b) the agent process recording the N cameras (``video: copy``): CPU of the agent and its FFmpeg
-    children from /proc/<pid>/stat utime+stime (children found by ppid).
-Which of a/b is started first alternates between rounds. With N=1 only, (c) the old service's
-always-re-encode command line (libx264 veryfast, yuv420p, scale, +faststart MP4) is measured side by
-side with one more bare copy FFmpeg.
+For each N (default 1, 4, 16), one camera simulator (1080p25 moving SMPTE bars; shared mounts: one
+encoder per mount serves every reader, so the simulator costs the same whichever side reads it) and
+one agent with its DEFAULT settings. Per round, over the same wall time, side by side, started and
+stopped in an order that rotates between rounds:
 
-Reported: CPU-seconds per camera per minute (median over rounds, spread), ratio b/a (goal <= 1.10)
-and factor c/a.
+(a) plain: N x ``ffmpeg -rtsp_transport tcp -i URL -c copy -movflags +faststart out.mp4``, started
+    when the agent is sent ``start`` and sent ``q`` when the agent is sent ``stop``; its whole life,
+    including the faststart rewrite at exit. The floor users compare the agent with.
+(b) agent: N ``start`` commands, ``stop`` after the clip, until every camera's final status
+    (``completed`` with the default local storage, ``uploaded`` with ``--storage s3``), then until
+    the agent has no child left: the camera probe (``video: auto``), FFmpeg's MPEG-TS segments, the
+    join, faststart, file probe, sha256, fsync (and the upload), and the agent's Python meanwhile.
+(c) own argv: the agent's FFmpeg work without the agent: ``probe_argv``, ``record_argv`` (the
+    agent's form, default settings), then ``concat_argv`` and ``file_probe_argv``. b/c isolates the
+    Python (progress parsing, MQTT, journal, sha256, fsync); b/a is the headline.
 
-    .venv/bin/python bench/bench_cpu.py [--quick] [--full] [--1080p] [--py-spy]
+CPU is the whole process tree's utime+stime. The agent's: deltas of /proc/<agent>/stat utime+stime
+and cutime+cstime (its FFmpeg children, reaped by the agent, land there whole) plus any descendant
+still alive. a and c are children of this script: each is reaped with wait4, whose rusage is the
+same per-child figure the kernel adds to cutime/cstime. Ratios are of CPU over the whole task;
+a ratio below 1.0 means noise or bias, not an agent cheaper than FFmpeg alone.
+
+Each run writes its raw per-round table with the commit and machine facts to
+``docs/results/cpu_<date-time>.json`` and ``docs/results/cpu_latest.json`` (``--results-dir``).
+
+    .venv/bin/python bench/bench_cpu.py [--quick] [--ns 1,4,16] [--rounds 3] [--clip 60] [--storage local|s3]
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import shutil
 import signal
 import statistics
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from _common import CLK_TCK, TreeCpu, fmt, log, md_table, pids_cpu_ns, pids_cpu_ticks, summary, workdir, write_results
-from parts import AgentProcess, CameraSim, Mosquitto, MqttProbe, write_config
+import yaml
+from _common import (
+    CLK_TCK,
+    Child,
+    TreeCpu,
+    descendants_of,
+    fmt,
+    loadavg,
+    log,
+    md_table,
+    pids_cpu_ns,
+    pids_cpu_ticks,
+    run_child,
+    run_facts,
+    summary,
+    workdir,
+    write_docs_results,
+)
+from parts import AgentProcess, CameraSim, Mosquitto, MqttProbe, SeaweedS3
 
-from edge_agent.ffmpeg import record_argv
+from edge_agent import ffmpeg as ff
+from edge_agent.config import CameraConfig, RecordingConfig
 
 DEVICE = "edge-bench"
+GOAL = 1.10
+FINAL = ("completed", "uploaded", "failed")
+SIDES = ("agent", "plain", "own")
+PATTERN = "smpte horizontal-speed=4"  # moving bars: real P-frames (camsim puts it in its launch line)
+
+
+def plain_argv(url: str, out: Path) -> list[str]:
+    """What users compare with: a plain stream copy into a faststart MP4 (stderr keeps its stats)."""
+    return ["ffmpeg", "-y", "-rtsp_transport", "tcp", "-i", url, "-c", "copy", "-movflags", "+faststart", str(out)]
 
 
 def old_service_argv(url: str, out: Path) -> list[str]:
-    """/work/shared/seed/camera.py.txt `_build_ffmpeg_command` with its defaults (veryfast)."""
+    """../shared/seed/camera.py.txt `_build_ffmpeg_command` with its defaults (veryfast)."""
     return [
         "ffmpeg", "-y", "-hide_banner", "-loglevel", "error", "-rtsp_transport", "tcp", "-i", url,
         "-an", "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p",
@@ -47,57 +86,99 @@ def old_service_argv(url: str, out: Path) -> list[str]:
     ]  # fmt: skip
 
 
-class BareGroup:
-    """N FFmpeg processes started by the benchmark itself."""
+def media_seconds(path: Path) -> float:
+    """ffprobe duration of a finished file (0.0 when unreadable); not part of any measured side."""
+    ffprobe = ff.ffprobe_next_to(shutil.which("ffmpeg") or "ffmpeg")
+    try:
+        done = subprocess.run(ff.file_probe_argv(ffprobe, path), capture_output=True, text=True, timeout=30,
+                              check=False)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return 0.0
+    info = ff.parse_file_probe(done.stdout) if done.returncode == 0 else None
+    return info.duration if info else 0.0
 
-    def __init__(self, argvs: list[list[str]], logdir: Path) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self._logs: list[IO[bytes]] = []
-        logdir.mkdir(parents=True, exist_ok=True)
-        for i, argv in enumerate(argvs):
-            logf = (logdir / f"ffmpeg{i}.log").open("ab")
-            self._logs.append(logf)
-            self.procs.append(subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=logf, start_new_session=True,
-            ))  # fmt: skip
 
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
+# ----------------------------------------------------------------------------------- the three sides
 
-    def check_alive(self) -> None:
-        dead = [p.args for p in self.procs if p.poll() is not None]
-        if dead:
-            raise RuntimeError(f"bare ffmpeg exited early: {dead[0]}")
 
-    def stop(self) -> None:
-        for p in self.procs:
-            with contextlib.suppress(OSError, ValueError):
-                assert p.stdin is not None
-                p.stdin.write(b"q")
-                p.stdin.close()
-        for p in self.procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    p.send_signal(signal.SIGKILL)
-                p.wait(timeout=5)
-        for f in self._logs:
-            f.close()
+class OwnArgv(threading.Thread):
+    """(c) for one camera: the agent's FFmpeg work in the agent's order, without the agent.
+
+    Probe the camera (``video: auto`` does), record with ``record_argv`` until ``stop`` is set, send
+    ``q`` as the recorder does, then join the segments with ``concat_argv`` and probe the MP4.
+    """
+
+    def __init__(self, url: str, work: Path, stop: threading.Event) -> None:
+        super().__init__(name=f"own-{work.name}", daemon=True)
+        self.url, self.work, self.stop = url, work, stop
+        self.cpu: dict[str, float] = {}
+        self.record: Child | None = None
+        self.recording = threading.Event()
+        self.record_ticks_at_stop: int | None = None
+        self.duration = 0.0
+        self.error: str | None = None
+        self.started = time.monotonic()
+        self.done_at: float | None = None
+
+    def run(self) -> None:
+        rec_cfg, transport = RecordingConfig(), CameraConfig.model_fields["rtsp_transport"].default
+        ffmpeg_bin = shutil.which(rec_cfg.ffmpeg_path) or rec_cfg.ffmpeg_path
+        ffprobe = ff.ffprobe_next_to(ffmpeg_bin)
+        segdir = self.work / "segments"
+        segdir.mkdir(parents=True, exist_ok=True)
+        logs = self.work / "logs"
+        try:
+            _, self.cpu["probe"], _ = run_child(ff.probe_argv(
+                ffprobe, self.url, rtsp_transport=transport, rtsp_timeout_s=rec_cfg.rtsp_timeout_seconds,
+                analyzeduration_us=rec_cfg.analyzeduration_us, probesize=rec_cfg.probesize,
+            ), logs / "probe.log", rec_cfg.probe_timeout_seconds)  # fmt: skip
+            self.record = Child(ff.record_argv(
+                ffmpeg_bin, self.url, segdir, mode="copy", rtsp_transport=transport,
+                rtsp_timeout_s=rec_cfg.rtsp_timeout_seconds, segment_seconds=rec_cfg.segment_seconds,
+                analyzeduration_us=rec_cfg.analyzeduration_us, probesize=rec_cfg.probesize,
+                stats_period_s=rec_cfg.stats_period_seconds,
+            ), logs / "record.log", stdin=True)  # fmt: skip
+            self.recording.set()
+            self.stop.wait(timeout=rec_cfg.max_seconds)
+            st = pids_cpu_ticks([self.record.pid])
+            self.record_ticks_at_stop = st.get(self.record.pid)
+            self.record.quit()
+            self.cpu["record"] = self.record.reap(rec_cfg.stop_timeout_seconds)
+            segments = [s for s in sorted(segdir.glob(ff.SEGMENT_GLOB)) if s.stat().st_size > 0]
+            listing = segdir / "concat.txt"
+            listing.write_text(ff.concat_list(segments), encoding="utf-8")
+            out = self.work / "own.mp4"
+            _, self.cpu["join"], _ = run_child(ff.concat_argv(ffmpeg_bin, listing, out), logs / "join.log", 300)
+            _, self.cpu["file_probe"], text = run_child(ff.file_probe_argv(ffprobe, out), logs / "fprobe.log",
+                                                        rec_cfg.probe_timeout_seconds)  # fmt: skip
+            info = ff.parse_file_probe(text)
+            self.duration = info.duration if info else 0.0
+        except Exception as exc:
+            self.error = repr(exc)
+        finally:
+            if self.record is not None and self.record.returncode is None:
+                self.record.signal(signal.SIGKILL)
+                self.record.reap(5)
+            self.done_at = time.monotonic()
 
 
 class AgentRig:
-    """The agent process with N cameras (copy mode, local storage) and an MQTT probe."""
+    """The agent process with N cameras and its DEFAULT settings, driven over MQTT by a probe client."""
 
-    def __init__(self, base: Path, broker: Mosquitto, cam: CameraSim, urls: list[str]) -> None:
+    def __init__(self, base: Path, broker: Mosquitto, urls: list[str], storage: dict[str, Any]) -> None:
         self.prefix = f"bench{uuid.uuid4().hex[:6]}"
         self.cams = [f"cam{i + 1}" for i in range(len(urls))]
-        cfg = write_config(
-            base / "agent.yaml", device_id=DEVICE, mqtt_port=broker.port, topic_prefix=self.prefix,
-            cameras={c: {"url": u} for c, u in zip(self.cams, urls, strict=True)},
-            output_dir=base / "recordings", storage={"type": "local"}, recording={"video": "copy"},
-        )  # fmt: skip
+        # Only what has no default: no recording, MQTT or storage option is changed from the defaults.
+        self.config: dict[str, Any] = {
+            "device_id": DEVICE,
+            "mqtt": {"host": broker.host, "port": broker.port, "topic_prefix": self.prefix},
+            "cameras": {c: {"url": u} for c, u in zip(self.cams, urls, strict=True)},
+            "recording": {"output_dir": str(base / "recordings")},
+            "storage": storage,
+        }
+        cfg = base / "agent.yaml"
+        cfg.parent.mkdir(parents=True, exist_ok=True)
+        cfg.write_text(yaml.safe_dump(self.config, sort_keys=False))
         self.probe = MqttProbe(broker.host, broker.port)
         self.probe.subscribe(f"{self.prefix}/#")
         self.agent = AgentProcess(cfg, base / "agent").start()
@@ -115,263 +196,335 @@ class AgentRig:
             self.probe.publish(self.topic(c, "cmd"), {"action": "start", "task_name": name, "request_id": f"{name}s"})
         return name
 
-    def wait_recording(self, name: str) -> None:
+    def wait_recording(self, name: str, timeout: float = 60) -> None:
         for c in self.cams:
             self.probe.wait_for(self.topic(c, "status"),
-                                lambda p: p["task_name"] == name and p["status"] == "recording", timeout=60)
+                                lambda p: p["task_name"] == name and p["status"] == "recording", timeout=timeout)
 
     def stop_all(self, name: str) -> None:
         for c in self.cams:
             self.probe.publish(self.topic(c, "cmd"), {"action": "stop", "task_name": name, "request_id": f"{name}e"})
+
+    def wait_final(self, name: str, timeout: float) -> list[tuple[dict[str, Any], float]]:
+        """Every camera's final status document and when it arrived (monotonic)."""
+        out = []
         for c in self.cams:
-            doc = self.probe.wait_for(self.topic(c, "status"),
-                                      lambda p: p["task_name"] == name and p["status"] in ("completed", "failed"),
-                                      timeout=120)  # fmt: skip
-            if doc["status"] != "completed":
-                raise RuntimeError(f"agent task failed: {doc}")
+            msg = self.probe.wait_for_message(
+                self.topic(c, "status"), lambda p: p["task_name"] == name and p["status"] in FINAL, timeout=timeout
+            )
+            out.append((msg.json(), msg.received_at))
+        return out
+
+    def wait_no_children(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while descendants_of(self.agent.pid):
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"agent still has children {descendants_of(self.agent.pid)} after {timeout} s")
+            time.sleep(0.05)
 
     def close(self) -> None:
         self.agent.stop()
         self.probe.close()
 
 
-def bare_copy_argvs(urls: list[str], segroot: Path, tag: str) -> list[list[str]]:
-    out = []
-    for i, url in enumerate(urls):
-        d = segroot / f"{tag}-{i}"
-        d.mkdir(parents=True, exist_ok=True)
-        out.append(record_argv("ffmpeg", url, d, mode="copy"))
-    return out
+# ------------------------------------------------------------------------------------------ a round
 
 
-def measure_round(rig: AgentRig, urls: list[str], base: Path, rnd: int, window: float, warmup: float,
-                  camsim_pid: int | None, with_old: bool) -> dict[str, Any]:  # fmt: skip
-    """One window with (a) N bare copy FFmpegs, (b) the agent on N cameras and, if asked, (c) beside them."""
+def run_round(rig: AgentRig, urls: list[str], work: Path, rnd: int, clip: float, order: tuple[str, ...],
+              camsim_pid: int | None) -> dict[str, Any]:  # fmt: skip
+    """One task of ``clip`` seconds on every side at once; CPU of each side over its whole task."""
     n = len(urls)
-    bare_first = rnd % 2 == 0
-    old: BareGroup | None = None
-    if with_old:
-        (base / "old").mkdir(parents=True, exist_ok=True)
-        old = BareGroup([old_service_argv(urls[0], base / "old" / f"r{rnd}.mp4")], base / "old-logs")
-    bare: BareGroup | None = None
+    work.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+    plain: list[Child] = []
+    own: list[OwnArgv] = []
     name = ""
+    started: dict[str, float] = {}
+    load_before = loadavg()
+    tree = TreeCpu(rig.agent.pid)
+    s0 = tree.snapshot()
+    cam0 = pids_cpu_ns([camsim_pid]) if camsim_pid else {}
     try:
-        if bare_first:
-            bare = BareGroup(bare_copy_argvs(urls, base / "segments", f"r{rnd}"), base / "bare-logs")
-            name = rig.start_all()
-        else:
-            name = rig.start_all()
-            bare = BareGroup(bare_copy_argvs(urls, base / "segments", f"r{rnd}"), base / "bare-logs")
+        for side in order:
+            started[side] = time.monotonic()
+            if side == "agent":
+                name = rig.start_all()
+            elif side == "plain":
+                plain = [Child(plain_argv(u, work / f"plain{i}.mp4"), work / "logs" / f"plain{i}.log", stdin=True)
+                         for i, u in enumerate(urls)]  # fmt: skip
+            else:
+                own = [OwnArgv(u, work / f"own{i}", stop) for i, u in enumerate(urls)]
+                for t in own:
+                    t.start()
+        t0 = min(started.values())
         rig.wait_recording(name)
-        time.sleep(warmup)
-        bare.check_alive()
-        tree = TreeCpu(rig.agent.pid)
-        old_pids = old.pids if old else []
-        b0 = tree.snapshot()
-        a0, a0ns = pids_cpu_ticks(bare.pids), pids_cpu_ns(bare.pids)
-        c0, c0ns = pids_cpu_ticks(old_pids), pids_cpu_ns(old_pids)
-        s0 = pids_cpu_ns([camsim_pid]) if camsim_pid else {}
-        t0 = time.monotonic()
-        time.sleep(window)
-        b1 = tree.snapshot()
-        a1, a1ns = pids_cpu_ticks(bare.pids), pids_cpu_ns(bare.pids)
-        c1, c1ns = pids_cpu_ticks(old_pids), pids_cpu_ns(old_pids)
-        s1 = pids_cpu_ns([camsim_pid]) if camsim_pid else {}
-        wall = time.monotonic() - t0
-        bare.check_alive()
-        if old:
-            old.check_alive()
-        agent_children = len(b1["kids"])
+        for t in own:
+            if not t.recording.wait(timeout=60):
+                raise RuntimeError(f"own-argv recorder never started: {t.error}")
+        # A steady window inside the recording (schedstat ns of the recording processes only): a
+        # cross-check of the phases, and the recording form's cost without start-up and finalise.
+        steady0 = steady_sample(rig, plain, own)
+        time.sleep(max(0.0, clip - (time.monotonic() - t0)))  # the task's length is the workload, not a wait
+        steady1 = steady_sample(rig, plain, own)
+        dead = [c.argv for c in plain if not c.alive()] + [t.name for t in own if t.error or not t.is_alive()]
+        if dead:
+            raise RuntimeError(f"a recorder exited early: {dead[0]}")
+        s_stop = tree.snapshot()
+        plain_ticks_at_stop = pids_cpu_ticks(c.pid for c in plain)
+        stopped: dict[str, float] = {}
+        for side in order:
+            stopped[side] = time.monotonic()
+            if side == "agent":
+                rig.stop_all(name)
+            elif side == "plain":
+                for c in plain:
+                    c.quit()
+            else:
+                stop.set()
+        finals = rig.wait_final(name, timeout=300 + clip)
+        rig.wait_no_children()
+        s1 = tree.snapshot()
+        plain_cpu = [c.reap(60) for c in plain]
+        for t in own:
+            t.join(timeout=300 + clip)
+            if t.is_alive() or t.error:
+                raise RuntimeError(f"own-argv camera failed: {t.error or 'still running'}")
     finally:
-        if bare is not None:
-            bare.stop()
-        if old is not None:
-            old.stop()
-        if name:
-            rig.stop_all(name)
-    a_cpu = sum(a1[p] - a0.get(p, 0) for p in a1) / CLK_TCK
-    a_ns = sum(a1ns[p] - a0ns.get(p, 0) for p in a1ns) / 1e9
-    b = TreeCpu.between(b0, b1)
-    cam_cpu = sum(s1[p] - s0.get(p, 0) for p in s1) / 1e9 if s1 else None
-    per_min = 60.0 / wall / n
-    out = {
-        "n": n, "round": rnd, "first": "bare" if bare_first else "agent", "wall_s": wall,
-        "agent_children": agent_children,
-        # /proc/PID/stat utime+stime (clock ticks)
-        "bare_cpu_s": a_cpu, "agent_cpu_s": b["cpu_s"], "agent_own_cpu_s": b["own_cpu_s"],
-        "agent_children_cpu_s": b["children_cpu_s"],
-        "bare_per_cam_min": a_cpu * per_min, "agent_per_cam_min": b["cpu_s"] * per_min,
-        "agent_own_per_cam_min": b["own_cpu_s"] * per_min,
-        "ratio": b["cpu_s"] / a_cpu if a_cpu else float("nan"),
-        # schedstat (nanoseconds)
-        "ns_bare_per_cam_min": a_ns * per_min, "ns_agent_per_cam_min": b["ns_cpu_s"] * per_min,
-        "ns_agent_own_per_cam_min": b["ns_own_cpu_s"] * per_min,
-        "ns_agent_ffmpeg_per_cam_min": b["ns_children_cpu_s"] * per_min,
-        "ns_ratio": b["ns_cpu_s"] / a_ns if a_ns else float("nan"),
-        "camsim_cores": cam_cpu / wall if cam_cpu is not None else None,
+        stop.set()
+        for c in plain:
+            if c.returncode is None:
+                c.signal(signal.SIGKILL)
+                c.reap(5)
+        if name and rig.agent.is_alive():
+            with contextlib.suppress(Exception):
+                rig.stop_all(name)
+    cam1 = pids_cpu_ns([camsim_pid]) if camsim_pid else {}
+    failed = [doc for doc, _ in finals if doc["status"] == "failed"]
+    if failed:
+        raise RuntimeError(f"agent task failed: {failed[0]}")
+    whole = TreeCpu.between(s0, s1)
+    rec_phase = TreeCpu.between(s0, s_stop)
+    t_final = max(at for _, at in finals)
+    agent = {
+        "cpu_s": whole["cpu_s"], "python_cpu_s": whole["own_cpu_s"], "ffmpeg_cpu_s": whole["children_cpu_s"],
+        "record_phase_cpu_s": rec_phase["cpu_s"], "finalise_phase_cpu_s": whole["cpu_s"] - rec_phase["cpu_s"],
+        "wall_s": t_final - started["agent"], "stop_to_final_s": t_final - stopped["agent"],
+        "media_s": sum(float(doc.get("duration_seconds") or 0.0) for doc, _ in finals),
+        "final_statuses": sorted({doc["status"] for doc, _ in finals}),
     }  # fmt: skip
-    if old is not None:
-        c_cpu = sum(c1[p] - c0.get(p, 0) for p in c1) / CLK_TCK
-        c_ns = sum(c1ns[p] - c0ns.get(p, 0) for p in c1ns) / 1e9
-        out.update(old_per_min=c_cpu * 60 / wall, ns_old_per_min=c_ns * 60 / wall,
-                   old_factor=c_cpu / (a_cpu / n) if a_cpu else float("nan"),
-                   ns_old_factor=c_ns / (a_ns / n) if a_ns else float("nan"))  # fmt: skip
-    return out
-
-
-def py_spy_profile(rig: AgentRig, seconds: float, out_dir: Path) -> dict[str, Any]:
-    """py-spy record (raw collapsed stacks) of the agent while it records every camera."""
-    spy = shutil.which("py-spy", path=str(Path(__file__).resolve().parents[1] / ".venv" / "bin")) or shutil.which(
-        "py-spy"
-    )
-    if spy is None:
-        return {"error": "py-spy not installed (.venv/bin/pip install py-spy)"}
-    name = rig.start_all()
-    raw = out_dir / "pyspy.txt"
-    try:
-        rig.wait_recording(name)
-        time.sleep(2)
-        done = subprocess.run(
-            [spy, "record", "-p", str(rig.agent.pid), "-d", str(int(seconds)), "-r", "200", "-f", "raw",
-             "-o", str(raw), "--nonblocking"],
-            capture_output=True, text=True, timeout=seconds + 60, check=False,
-        )  # fmt: skip
-    finally:
-        rig.stop_all(name)
-    if done.returncode != 0 or not raw.exists():
-        return {"error": (done.stderr or done.stdout)[-500:]}
-    self_counts: collections.Counter[str] = collections.Counter()
-    incl_counts: collections.Counter[str] = collections.Counter()
-    total = 0
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack:
-            continue
-        c = int(count)
-        total += c
-        frames = stack.split(";")
-        self_counts[frames[-1]] += c
-        for f in set(frames[1:]):  # frames[0] is the thread name
-            incl_counts[f] += c
+    plain_rec = sum(plain_ticks_at_stop.values()) / CLK_TCK
+    plain_side = {
+        "cpu_s": sum(plain_cpu), "record_phase_cpu_s": plain_rec, "finalise_phase_cpu_s": sum(plain_cpu) - plain_rec,
+        "wall_s": max(c.ended or 0.0 for c in plain) - started["plain"],
+        "stop_to_final_s": max(c.ended or 0.0 for c in plain) - stopped["plain"],
+        "media_s": sum(media_seconds(work / f"plain{i}.mp4") for i in range(n)),
+        "exit_codes": sorted({c.returncode for c in plain}),
+    }  # fmt: skip
+    own_parts = {k: sum(t.cpu.get(k, 0.0) for t in own) for k in ("probe", "record", "join", "file_probe")}
+    own_rec = sum((t.record_ticks_at_stop or 0) for t in own) / CLK_TCK
+    own_side = {
+        "cpu_s": sum(own_parts.values()), **{f"{k}_cpu_s": v for k, v in own_parts.items()},
+        "record_phase_cpu_s": own_rec + own_parts["probe"],
+        "finalise_phase_cpu_s": sum(own_parts.values()) - own_rec - own_parts["probe"],
+        "wall_s": max(t.done_at or 0.0 for t in own) - started["own"],
+        "stop_to_final_s": max(t.done_at or 0.0 for t in own) - stopped["own"],
+        "media_s": sum(t.duration for t in own),
+    }  # fmt: skip
+    per_min = 60.0 / clip / n
+    steady_wall = steady1["t"] - steady0["t"]
+    for side_name, side in (("agent", agent), ("plain", plain_side), ("own", own_side)):
+        a0, a1 = steady0[side_name], steady1[side_name]
+        side["steady_recording_per_cam_min"] = (
+            sum(v - a0.get(pid, 0) for pid, v in a1.items()) / 1e9 * 60.0 / steady_wall / n if steady_wall > 0 else None
+        )
+        side["steady_processes"] = len(a1)
+    agent["steady_python_per_cam_min"] = (steady1["python"] - steady0["python"]) / 1e9 * 60.0 / steady_wall / n
+    agent["children_at_stop"] = len(s_stop["kids"])
+    for side in (agent, plain_side, own_side):
+        side["per_cam_min"] = side["cpu_s"] * per_min
+    agent["python_per_cam_min"] = agent["python_cpu_s"] * per_min
+    cam_cpu = sum(cam1[p] - cam0.get(p, 0) for p in cam1) / 1e9 if cam1 else None
     return {
-        "samples": total, "seconds": seconds, "rate_hz": 200,
-        "top_self": self_counts.most_common(15), "top_inclusive": incl_counts.most_common(20),
+        "n": n, "round": rnd, "order": list(order), "clip_s": clip,
+        "agent": agent, "plain": plain_side, "own": own_side,
+        "ratio_agent_plain": agent["cpu_s"] / plain_side["cpu_s"] if plain_side["cpu_s"] else float("nan"),
+        "ratio_agent_own": agent["cpu_s"] / own_side["cpu_s"] if own_side["cpu_s"] else float("nan"),
+        # CPU per second of media each side kept (the agent starts recording after its probe)
+        "ratio_agent_plain_per_media_s": _per_media_ratio(agent, plain_side),
+        "camsim_cpu_s": cam_cpu, "loadavg_before": load_before, "loadavg_after": loadavg(),
+    }  # fmt: skip
+
+
+def steady_sample(rig: AgentRig, plain: list[Child], own: list[OwnArgv]) -> dict[str, Any]:
+    """schedstat ns of each side's recording FFmpeg processes (and of the agent's Python) right now."""
+    agent_ffmpeg = rig.agent.ffmpeg_pids()
+    return {
+        "t": time.monotonic(),
+        "agent": pids_cpu_ns(agent_ffmpeg),
+        "plain": pids_cpu_ns(c.pid for c in plain),
+        "own": pids_cpu_ns(t.record.pid for t in own if t.record is not None),
+        "python": pids_cpu_ns([rig.agent.pid]).get(rig.agent.pid, 0),
     }
+
+
+def _per_media_ratio(b: dict[str, Any], a: dict[str, Any]) -> float:
+    if not (b["media_s"] and a["media_s"] and a["cpu_s"]):
+        return float("nan")
+    return float((b["cpu_s"] / b["media_s"]) / (a["cpu_s"] / a["media_s"]))
+
+
+def old_service_pass(url: str, work: Path, clip: float) -> dict[str, Any]:
+    """The old service's always-re-encode command beside one plain copy, N=1, one clip (--old)."""
+    work.mkdir(parents=True, exist_ok=True)
+    plain = Child(plain_argv(url, work / "plain.mp4"), work / "plain.log", stdin=True)
+    old = Child(old_service_argv(url, work / "old.mp4"), work / "old.log", stdin=True)
+    try:
+        time.sleep(clip)
+        for c in (plain, old):
+            c.quit()
+        a, c = plain.reap(60), old.reap(120)
+    finally:
+        for ch in (plain, old):
+            if ch.returncode is None:
+                ch.signal(signal.SIGKILL)
+                ch.reap(5)
+    return {"plain_cpu_s": a, "old_cpu_s": c, "factor": c / a if a else float("nan"), "clip_s": clip}
+
+
+# ------------------------------------------------------------------------------------------ main
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="15 s windows (< 2 min)")
-    ap.add_argument("--full", action="store_true", help="N = 1, 4, 16")
-    ap.add_argument("--1080p", dest="hd", action="store_true", help="1920x1080 instead of 1280x720")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--window", type=float, default=None, help="seconds (30; quick 15)")
-    ap.add_argument("--warmup", type=float, default=None, help="seconds after all are recording (2; quick 1)")
-    ap.add_argument("--single-mount", action="store_true", help="every camera reads the same mount")
-    ap.add_argument("--ns", default=None, help="comma-separated N values, e.g. 1,4")
-    ap.add_argument("--no-old", action="store_true", help="skip (c), the old re-encoding command")
-    ap.add_argument("--py-spy", dest="pyspy", type=float, nargs="?", const=20.0, default=None,
-                    help="after the N=4 rounds, profile the agent with py-spy for this many seconds (20)")  # fmt: skip
+    ap.add_argument("--quick", action="store_true", help="a smoke run: N=1, 1 round, 20 s clip, no warm-up")
+    ap.add_argument("--ns", default=None, help="comma-separated N values (1,4,16)")
+    ap.add_argument("--rounds", type=int, default=None, help="measured rounds per N (3; quick 1)")
+    ap.add_argument("--clip", type=float, default=None, help="seconds from start to stop of each task (60; quick 20)")
+    ap.add_argument("--720p", dest="sd", action="store_true", help="1280x720 instead of 1920x1080")
+    ap.add_argument("--mounts", type=int, default=1,
+                    help="simulator mounts; camera i reads mount i%%M on every side (1: one shared encoder)")
+    ap.add_argument("--storage", choices=("local", "s3"), default="local",
+                    help="local (the agent's default: task ends `completed`) or s3 (ends `uploaded`)")
+    ap.add_argument("--no-warmup", action="store_true", help="skip the unmeasured 5 s task per N")
+    ap.add_argument("--old", action="store_true", help="also the old service's re-encoding command, N=1")
+    ap.add_argument("--results-dir", type=Path, default=None, help="where cpu_*.json go (docs/results)")
     args = ap.parse_args()
-    window = args.window or (15.0 if args.quick else 30.0)
-    warmup = args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0)
-    ns = [int(x) for x in args.ns.split(",")] if args.ns else ([1, 4, 16] if args.full else [1, 4])
-    width, height = (1920, 1080) if args.hd else (1280, 720)
+    ns = [int(x) for x in args.ns.split(",")] if args.ns else ([1] if args.quick else [1, 4, 16])
+    rounds_per_n = args.rounds or (1 if args.quick else 3)
+    clip = args.clip or (20.0 if args.quick else 60.0)
+    width, height = (1280, 720) if args.sd else (1920, 1080)
+    warmup = not (args.no_warmup or args.quick)
 
+    load_before = loadavg()
     base = workdir("cpu")
     rounds: list[dict[str, Any]] = []
-    spy: dict[str, Any] | None = None
+    agent_config: dict[str, Any] = {}
+    old: dict[str, Any] | None = None
     t_start = time.monotonic()
     try:
-        with Mosquitto(base / "mosquitto") as broker:
+        with contextlib.ExitStack() as stack:
+            broker = stack.enter_context(Mosquitto(base / "mosquitto"))
+            storage: dict[str, Any] = {"type": "local"}
+            if args.storage == "s3":
+                s3 = stack.enter_context(SeaweedS3(base / "s3"))
+                admin = s3.client()
+                if not admin.bucket_exists("bench"):
+                    admin.make_bucket("bench")
+                storage = {"type": "minio", "endpoint": s3.endpoint, "access_key": s3.access_key,
+                           "secret_key": s3.secret_key, "bucket": "bench"}  # fmt: skip
             for n in ns:
-                mounts = ["cam1"] if args.single_mount else [f"cam{i + 1}" for i in range(n)]
+                mounts = [f"cam{i + 1}" for i in range(max(1, min(n, args.mounts)))]
                 nb = base / f"n{n}"
-                with CameraSim(nb / "camsim", mounts=mounts, width=width, height=height, fps=25) as cam:
+                with CameraSim(nb / "camsim", mounts=mounts, width=width, height=height, fps=25,
+                               pattern=PATTERN) as cam:  # fmt: skip
                     urls = [cam.url(mounts[i % len(mounts)]) for i in range(n)]
-                    rig = AgentRig(nb, broker, cam, urls)
+                    rig = AgentRig(nb, broker, urls, storage)
+                    agent_config = {**rig.config, "cameras": {c: {"url": "<simulator>"} for c in rig.cams},
+                                    "storage": {"type": storage["type"]}}  # fmt: skip
                     try:
-                        for r in range(args.rounds):
-                            with_old = n == 1 and not args.no_old
-                            res = measure_round(rig, urls, nb, r, window, warmup, cam.pid, with_old)
+                        if warmup:
+                            log(f"N={n}: warm-up task (5 s, not measured)")
+                            run_round(rig, urls, nb / "warmup", -1, 5.0, SIDES, None)
+                        for r in range(rounds_per_n):
+                            order = SIDES[r % 3:] + SIDES[: r % 3]
+                            res = run_round(rig, urls, nb / f"r{r}", r, clip, order, cam.pid)
                             rounds.append(res)
-                            log(f"N={n} round {r} ({res['first']} first): CPU-s/cam/min bare "
-                                f"{res['ns_bare_per_cam_min']:.3f}, agent {res['ns_agent_per_cam_min']:.3f} "
-                                f"(ratio {res['ns_ratio']:.2f}; ticks {res['ratio']:.2f})"
-                                + (f"; old {res['ns_old_per_min']:.2f}" if with_old else ""))  # fmt: skip
-                            shutil.rmtree(nb / "segments", ignore_errors=True)
-                        if args.pyspy and n == max(ns):
-                            spy = py_spy_profile(rig, args.pyspy, nb)
+                            log(f"N={n} round {r} (order {','.join(order)}): CPU-s/cam/min plain "
+                                f"{res['plain']['per_cam_min']:.3f}, agent {res['agent']['per_cam_min']:.3f} "
+                                f"(python {res['agent']['python_per_cam_min']:.3f}), own argv "
+                                f"{res['own']['per_cam_min']:.3f}; ratio agent/plain {res['ratio_agent_plain']:.3f}, "
+                                f"agent/own {res['ratio_agent_own']:.3f}")  # fmt: skip
+                            shutil.rmtree(nb / f"r{r}", ignore_errors=True)
+                        if args.old and n == 1:
+                            log("N=1: the old service's re-encoding command beside one plain copy")
+                            old = old_service_pass(urls[0], nb / "old", clip)
                     finally:
                         rig.close()
     finally:
         shutil.rmtree(base, ignore_errors=True)
+    elapsed = time.monotonic() - t_start
 
-    print(f"\n### CPU per camera ({width}x{height} 25 fps, copy mode, window {window:g} s, {args.rounds} rounds; "
-          f"a, b (and c at N=1) side by side in each window, a/b start order alternating)\n")  # fmt: skip
-    rows = []
-    per_n: dict[int, Any] = {}
+    per_n: dict[str, Any] = {}
+    rows, phase_rows = [], []
     for n in ns:
         rs = [r for r in rounds if r["n"] == n]
-        a = summary([r["ns_bare_per_cam_min"] for r in rs])
-        b = summary([r["ns_agent_per_cam_min"] for r in rs])
-        own = summary([r["ns_agent_own_per_cam_min"] for r in rs])
-        ratio = summary([r["ns_ratio"] for r in rs])
-        ta = summary([r["bare_per_cam_min"] for r in rs])
-        tb = summary([r["agent_per_cam_min"] for r in rs])
-        tratio = summary([r["ratio"] for r in rs])
-        cams = summary([r["camsim_cores"] for r in rs if r["camsim_cores"] is not None])
-        per_n[n] = {"bare": a, "agent": b, "agent_python": own, "ratio": ratio, "ticks_bare": ta,
-                    "ticks_agent": tb, "ticks_ratio": tratio, "camsim_cores": cams}  # fmt: skip
-        goal = "PASS" if ratio["median"] <= 1.10 else "FAIL"
+        a = summary([r["plain"]["per_cam_min"] for r in rs])
+        b = summary([r["agent"]["per_cam_min"] for r in rs])
+        c = summary([r["own"]["per_cam_min"] for r in rs])
+        py = summary([r["agent"]["python_per_cam_min"] for r in rs])
+        ba = summary([r["ratio_agent_plain"] for r in rs])
+        bc = summary([r["ratio_agent_own"] for r in rs])
+        bam = summary([r["ratio_agent_plain_per_media_s"] for r in rs])
+        per_n[str(n)] = {"plain_per_cam_min": a, "agent_per_cam_min": b, "own_per_cam_min": c,
+                         "agent_python_per_cam_min": py, "ratio_agent_plain": ba, "ratio_agent_own": bc,
+                         "ratio_agent_plain_per_media_s": bam}  # fmt: skip
+        verdict = "PASS" if ba["median"] <= GOAL else "FAIL"
+        if ba["min"] < 1.0:
+            verdict += " (a round below 1.0: noise or bias)"
         rows.append([
             n, f"{fmt(a['median'])} ({fmt(a['min'])}-{fmt(a['max'])})",
-            f"{fmt(b['median'])} ({fmt(b['min'])}-{fmt(b['max'])})", fmt(own["median"]),
-            f"**{ratio['median']:.3f}** ({ratio['min']:.2f}-{ratio['max']:.2f}) {goal}",
-            f"{fmt(ta['median'])} / {fmt(tb['median'])} = {tratio['median']:.2f} "
-            f"({tratio['min']:.2f}-{tratio['max']:.2f})",
-            fmt(cams.get("median")),
+            f"{fmt(b['median'])} ({fmt(b['min'])}-{fmt(b['max'])})", fmt(py["median"]),
+            f"**{ba['median']:.3f}** [{', '.join(f'{v:.3f}' for v in ba['values'])}] {verdict}",
+            f"{bam['median']:.3f}",
+            f"{fmt(c['median'])}", f"{bc['median']:.3f} [{', '.join(f'{v:.3f}' for v in bc['values'])}]",
         ])  # fmt: skip
+        for side in SIDES:
+            phase_rows.append([
+                n, side,
+                fmt(statistics.median(r[side]["record_phase_cpu_s"] for r in rs)),
+                fmt(statistics.median(r[side]["finalise_phase_cpu_s"] for r in rs)),
+                fmt(statistics.median(r[side]["stop_to_final_s"] for r in rs)),
+                fmt(statistics.median(r[side]["media_s"] for r in rs) / n),
+                fmt(statistics.median(r[side]["steady_recording_per_cam_min"] or 0.0 for r in rs)),
+            ])  # fmt: skip
+
+    print(f"\n### Whole-task CPU, {width}x{height} 25 fps, {rounds_per_n} round(s) of a {clip:g} s task per N, "
+          f"storage {args.storage}; a, b and c side by side, order rotating\n")  # fmt: skip
     print(md_table(
-        ["N", "(a) bare CPU-s/cam/min median (min-max)", "(b) agent+ffmpeg CPU-s/cam/min", "of which agent python",
-         "ratio b/a per round: median (min-max), goal <= 1.10",
-         "stat utime+stime (10 ms ticks): a / b = ratio (min-max)", "camsim cores"], rows,
+        ["N", "(a) plain ffmpeg -c copy faststart MP4, CPU-s/cam/min median (min-max)",
+         "(b) agent whole task, CPU-s/cam/min", "of which agent Python",
+         f"ratio b/a: median [per round], goal <= {GOAL:.2f}", "b/a per media second",
+         "(c) agent's own FFmpeg work alone", "ratio b/c (the Python): median [per round]"], rows,
     ))  # fmt: skip
-    print("\nCPU from /proc/PID/task/*/schedstat (ns); the stat-tick column is the same windows in 10 ms ticks.")
-    olds = [r for r in rounds if "ns_old_per_min" in r]
-    old: dict[str, Any] | None = None
-    if olds:
-        old = {"old_per_min": summary([r["ns_old_per_min"] for r in olds]),
-               "copy_per_min": summary([r["ns_bare_per_cam_min"] for r in olds]),
-               "factor": summary([r["ns_old_factor"] for r in olds]),
-               "ticks_factor": summary([r["old_factor"] for r in olds])}  # fmt: skip
-        print("\n### (c) old service's always-re-encode command (libx264 veryfast + scale + faststart), N=1\n")
-        print(md_table(
-            ["(a) bare copy CPU-s/min", "(c) old CPU-s/min", "factor c/a median (min-max)", "factor from ticks"],
-            [[fmt(old["copy_per_min"]["median"]), fmt(old["old_per_min"]["median"]),
-              f"**{old['factor']['median']:.0f}x** ({old['factor']['min']:.0f}-{old['factor']['max']:.0f})",
-              f"{old['ticks_factor']['median']:.0f}x"]],
-        ))  # fmt: skip
-    if spy is not None:
-        print(f"\n### py-spy of the agent recording N={max(ns)} cameras\n")
-        if "error" in spy:
-            print(f"py-spy failed: {spy['error']}")
-        else:
-            total = spy["samples"] or 1
-            print(f"{spy['samples']} non-idle samples in {spy['seconds']:g} s at {spy['rate_hz']} Hz\n")
-            print(md_table(["function (self)", "samples", "% of non-idle"],
-                           [[f"`{f}`", c, f"{100 * c / total:.1f}%"] for f, c in spy["top_self"][:10]]))  # fmt: skip
-    elapsed = time.monotonic() - t_start
-    print(f"\n(elapsed {elapsed:.0f} s; per-round ratios: "
-          + "; ".join(f"N={n}: " + ", ".join(f"{r['ns_ratio']:.3f}" for r in rounds if r["n"] == n) for n in ns)
-          + ")")  # fmt: skip
-    path = write_results("bench_cpu", {
-        "resolution": f"{width}x{height}", "window_s": window, "warmup_s": warmup, "ns": ns,
-        "single_mount": args.single_mount, "rounds": rounds, "per_n": per_n, "old_service": old,
-        "goal_ratio": 1.10, "py_spy": spy, "median_ratio_all": statistics.median([r["ns_ratio"] for r in rounds]),
-        "elapsed_s": elapsed,
-    }, args.quick)  # fmt: skip
-    print(f"JSON: {path}")
+    print("\nCPU-seconds per task (median), recording phase (start -> stop) and finalise phase (stop -> done):\n")
+    print(md_table(["N", "side", "record-phase CPU-s", "finalise-phase CPU-s", "stop -> done s", "media s per camera",
+                    "recording FFmpeg alone, steady CPU-s/cam/min (schedstat)"], phase_rows))  # fmt: skip
+    if old is not None:
+        print(f"\nOld service's always-re-encode command: {old['old_cpu_s']:.2f} CPU-s vs plain copy "
+              f"{old['plain_cpu_s']:.2f} CPU-s over {old['clip_s']:g} s: **{old['factor']:.0f}x**")  # fmt: skip
+    path = write_docs_results("cpu", {
+        "quick": args.quick,
+        "settings": {"resolution": f"{width}x{height}", "fps": 25, "pattern": PATTERN, "mounts": args.mounts,
+                     "ns": ns, "rounds_per_n": rounds_per_n, "clip_s": clip, "storage": args.storage,
+                     "warmup": warmup, "goal_ratio": GOAL},
+        "agent_config": agent_config,
+        "sides": {"plain": " ".join(plain_argv("URL", Path("out.mp4"))),
+                  "agent": "the agent process, default settings, whole task start -> final status",
+                  "own": "edge_agent.ffmpeg probe_argv + record_argv + concat_argv + file_probe_argv"},
+        "facts": run_facts(load_before), "elapsed_s": elapsed,
+        "rounds": rounds, "per_n": per_n, "old_service": old,
+    }, args.results_dir)  # fmt: skip
+    print(f"\n(elapsed {elapsed:.0f} s) results: {path}")
 
 
 if __name__ == "__main__":

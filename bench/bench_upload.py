@@ -1,16 +1,18 @@
 """Upload throughput: the agent's durable upload path against a bare minio client, plus end to end.
 
 (a) bare:  ``Minio(...).fput_object`` of K files, one after another, to bucket A.
-(b) agent: ``edge_agent.uploads.UploadPool`` + ``MinioStore`` with the StorageConfig defaults
-    (bucket B, delete_local_after_upload false, upload_workers 1): all K jobs submitted at once
-    (sha256 precomputed as the agent does when it finalises a recording; timed separately), timed
-    until the K-th ``UploadFinished``.
-a and b alternate order over the rounds; the ratio agent/bare of the median MB/s is the headline
-(goal >= 0.9).
+(b) agent: what the agent does for each finished recording, one file after another: the sha256
+    the agent computes at finalise (``edge_agent.recorder.sha256_file``), then the upload through
+    ``edge_agent.uploads.UploadPool`` + ``MinioStore`` with the StorageConfig defaults (bucket B,
+    delete_local_after_upload false, upload_workers 1: one recording is one job) until its
+    ``UploadFinished`` (the verification ``stat_object`` and the presign included). The hash is
+    inside the timed path; "upload only" (hash time taken out) is printed beside it.
+a and b alternate order over the rounds; the ratio agent (with the hash) / bare of the median MB/s
+is the headline (goal >= 0.9), with the per-round ratios.
 (c) end to end: the real agent process records a clip of a 1080p25 simulated camera with storage
     minio; time from publishing ``stop`` to the retained ``uploaded`` status.
 
-    .venv/bin/python bench/bench_upload.py [--quick]
+    .venv/bin/python bench/bench_upload.py [--quick] [--rounds 3] [--results-dir DIR]
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from _common import fmt, log, md_table, summary, workdir, write_results
+from _common import fmt, loadavg, log, md_table, run_facts, summary, workdir, write_docs_results
 from minio import Minio
 from parts import AgentProcess, CameraSim, Mosquitto, MqttProbe, SeaweedS3, write_config
 
@@ -64,38 +66,40 @@ def run_bare(s3: SeaweedS3, bucket: str, files: list[Path], round_no: int, part_
 
 
 def run_agent_path(s3: SeaweedS3, bucket: str, files: list[Path], round_no: int) -> dict[str, Any]:
+    """Per file, as the agent finalises and ships one recording: sha256, then the upload to its end."""
     cfg = StorageConfig(
         type="minio", endpoint=s3.endpoint, access_key=s3.access_key, secret_key=s3.secret_key,
         bucket=bucket, delete_local_after_upload=False, upload_workers=1,
     )  # fmt: skip
     total = sum(f.stat().st_size for f in files)
-    t_hash = time.perf_counter()
-    digests = [sha256_file(f) for f in files]
-    hash_s = time.perf_counter() - t_hash
     events: queue.SimpleQueue[UploadEvent] = queue.SimpleQueue()
     store = MinioStore(cfg)
     pool = UploadPool(store, cfg, events.put)
     pool.start()
+    hash_s = 0.0
+    attempts = 0
     t0 = time.perf_counter()
     try:
-        now = time.time()
-        for i, (f, digest) in enumerate(zip(files, digests, strict=True)):
-            pool.submit(f"t{round_no}-{i}", f, f"r{round_no}/{f.name}", digest, f.stat().st_size, now + i)
-        done = 0
-        attempts = 0
-        while done < len(files):
-            ev = events.get(timeout=600)
-            if isinstance(ev, UploadFinished):
-                done += 1
-                attempts += ev.attempts
-            elif isinstance(ev, UploadFailed):
-                raise RuntimeError(f"agent upload failed: {ev.error}")
+        for i, f in enumerate(files):
+            t_hash = time.perf_counter()
+            digest = sha256_file(f)
+            hash_s += time.perf_counter() - t_hash
+            task_id = f"t{round_no}-{i}"
+            pool.submit(task_id, f, f"r{round_no}/{f.name}", digest, f.stat().st_size, time.time())
+            while True:
+                ev = events.get(timeout=600)
+                if isinstance(ev, UploadFinished) and ev.task_id == task_id:
+                    attempts += ev.attempts
+                    break
+                if isinstance(ev, UploadFailed):
+                    raise RuntimeError(f"agent upload failed: {ev.error}")
         dt = time.perf_counter() - t0
     finally:
         pool.stop(timeout=5)
     return {
         "seconds": dt, "bytes": total, "mb_s": total / MB / dt, "sha256_seconds": hash_s,
-        "sha256_mb_s": total / MB / hash_s, "mb_s_incl_hash": total / MB / (dt + hash_s), "attempts": attempts,
+        "sha256_mb_s": total / MB / hash_s, "upload_only_seconds": dt - hash_s,
+        "mb_s_upload_only": total / MB / (dt - hash_s), "attempts": attempts,
     }  # fmt: skip
 
 
@@ -155,11 +159,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--clip", type=float, default=None, help="end-to-end clip seconds (60; quick 10)")
     ap.add_argument("--no-e2e", action="store_true")
+    ap.add_argument("--results-dir", type=Path, default=None, help="where upload_*.json go (docs/results)")
     args = ap.parse_args()
     count = args.files or (3 if args.quick else 5)
     size_mb = args.mb or (20 if args.quick else 50)
     clip = args.clip or (10.0 if args.quick else 60.0)
 
+    load_before = loadavg()
     base = workdir("upload")
     rows: list[dict[str, Any]] = []
     try:
@@ -195,7 +201,7 @@ def main() -> None:
     part_mib = StorageConfig().part_size_bytes // 2**20
     agent = summary([r["mb_s"] for r in rows if r["path"] == "agent"])
     hashing = summary([r["sha256_mb_s"] for r in rows if r["path"] == "agent"])
-    incl = summary([r["mb_s_incl_hash"] for r in rows if r["path"] == "agent"])
+    upload_only = summary([r["mb_s_upload_only"] for r in rows if r["path"] == "agent"])
     per_round = []
     for r in range(args.rounds):
         a = next(x for x in rows if x["round"] == r and x["path"] == "agent")
@@ -213,16 +219,19 @@ def main() -> None:
             [f"(a') bare fput_object, part_size {part_mib} MiB (the agent's)", fmt(bare16["median"]),
              fmt(bare16["min"]), fmt(bare16["max"]), f"{bare16['spread']:.0%}",
              ", ".join(fmt(v, 1) for v in bare16["values"])],
-            ["(b) agent UploadPool+MinioStore", fmt(agent["median"]), fmt(agent["min"]), fmt(agent["max"]),
-             f"{agent['spread']:.0%}", ", ".join(fmt(v, 1) for v in agent["values"])],
-            ["(b) incl. sha256 at finalise", fmt(incl["median"]), fmt(incl["min"]), fmt(incl["max"]),
-             f"{incl['spread']:.0%}", ", ".join(fmt(v, 1) for v in incl["values"])],
+            ["(b) agent: sha256 + UploadPool/MinioStore", fmt(agent["median"]), fmt(agent["min"]),
+             fmt(agent["max"]), f"{agent['spread']:.0%}", ", ".join(fmt(v, 1) for v in agent["values"])],
+            ["(b) of which upload only (hash time taken out)", fmt(upload_only["median"]), fmt(upload_only["min"]),
+             fmt(upload_only["max"]), f"{upload_only['spread']:.0%}",
+             ", ".join(fmt(v, 1) for v in upload_only["values"])],
             ["sha256_file alone", fmt(hashing["median"]), fmt(hashing["min"]), fmt(hashing["max"]),
              f"{hashing['spread']:.0%}", ", ".join(fmt(v, 1) for v in hashing["values"])],
         ],
     ))  # fmt: skip
     goal = "PASS" if ratio >= 0.9 else "FAIL"
-    print(f"\nratio agent/bare (medians): **{ratio:.2f}** (goal >= 0.90: {goal}); "
+    if max(per_round) > 1.0:
+        goal += "; a round above 1.0 (the agent faster than the bare client while hashing too): noise"
+    print(f"\nratio agent (with its sha256) / bare (medians): **{ratio:.2f}** (goal >= 0.90: {goal}); "
           f"per-round ratios: {', '.join(f'{x:.2f}' for x in per_round)} "
           f"(median {statistics.median(per_round):.2f}); agent/bare with the same part size: "
           f"{agent['median'] / bare16['median']:.2f}")  # fmt: skip
@@ -235,12 +244,14 @@ def main() -> None:
             [[fmt(clip, 1), fmt(e2e["duration_seconds"]), fmt((e2e["size_bytes"] or 0) / MB),
               fmt(ph.get("stopping")), fmt(ph.get("uploading")), f"**{fmt(e2e['stop_to_uploaded_s'])}**"]],
         ))  # fmt: skip
-    path = write_results("bench_upload", {
-        "files": count, "file_mb": size_mb, "rounds": rows, "bare_mb_s": bare, "bare_agent_part_mb_s": bare16,
-        "agent_mb_s": agent,
-        "agent_incl_hash_mb_s": incl, "sha256_mb_s": hashing, "ratio_agent_over_bare": ratio,
-        "per_round_ratio": per_round, "goal_ratio": 0.9, "e2e": e2e,
-    }, args.quick)  # fmt: skip
+    path = write_docs_results("upload", {
+        "quick": args.quick, "settings": {"files": count, "file_mb": size_mb, "rounds": args.rounds, "clip_s": clip,
+                                          "agent_part_size_mib": part_mib, "upload_workers": 1},
+        "facts": run_facts(load_before),
+        "rounds": rows, "bare_mb_s": bare, "bare_agent_part_mb_s": bare16,
+        "agent_incl_hash_mb_s": agent, "agent_upload_only_mb_s": upload_only, "sha256_mb_s": hashing,
+        "ratio_agent_over_bare": ratio, "per_round_ratio": per_round, "goal_ratio": 0.9, "e2e": e2e,
+    }, args.results_dir)  # fmt: skip
     print(f"\nJSON: {path}")
 
 

@@ -104,6 +104,7 @@ def test_concat_list_quotes_paths(tmp_path: Path) -> None:
     lines = text.splitlines()
     assert lines[0] == "file '" + str(seg.resolve()).replace("'", "'\\''") + "'"
     assert lines[1].endswith("b.ts'")
+    assert lines[2:] == list(ffmpeg.UNPROBED_SEGMENT)  # only segments after the first skip probing
     assert text.endswith("\n")
 
 
