@@ -392,6 +392,9 @@ class Agent:
         if bucket is None:  # unknown cameras share one bucket: random camera ids buy no extra rate
             bucket = self._buckets[camera if camera in self.cfg.cameras else ""] = self._new_bucket()
         if not bucket.take():
+            if names.topic_problem(self.topics.reply(camera)):
+                self._counters["commands_unanswered"] += 1
+                return
             self._on_rate_limited(camera, bucket, ev)
             return
         decoded = decode_command(ev.payload, self.cfg.mqtt.max_payload_bytes)
@@ -405,6 +408,9 @@ class Agent:
                 self._send_reply(camera, doc, False, rid, ev, respond=False)
                 return
         if camera not in self.cfg.cameras:
+            if names.topic_problem(self.topics.reply(camera)):  # e.g. a camera level too long to answer on
+                self._counters["commands_unanswered"] += 1
+                return
             doc = {"status": "error", "camera_id": camera, "error": f"camera {camera!r} is not configured"}
             self._send_reply(camera, doc, False, rid, ev)
             return

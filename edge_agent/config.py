@@ -329,6 +329,8 @@ class AgentConfig(_Model):
         bad = [k for k in v if not CAMERA_ID_RE.match(k)]
         if bad:
             raise ValueError(f"camera ids must be 1-64 of letters, digits, '_' or '-': {bad}")
+        if "_ctl" in v:
+            raise ValueError("camera id '_ctl' is reserved (P/D/_ctl/ holds edge-agent ctl's reply inboxes)")
         return v
 
     def camera_max_seconds(self, camera_id: str) -> int:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 from edge_agent import names
 
+CTL_LEVEL = "_ctl"  # P/D/_ctl/...: reply inboxes of `edge-agent ctl` (a reserved camera id)
+
 
 @dataclass(frozen=True)
 class Topics:
@@ -68,7 +70,7 @@ class Topics:
 
     def ctl_inbox(self, client_id: str) -> str:
         """Where `edge-agent ctl` asks for v5 responses: under this device, never a command topic."""
-        return f"{self.base}/_ctl/{client_id}/reply"
+        return f"{self.base}/{CTL_LEVEL}/{client_id}/reply"
 
     def response_topic_problem(self, topic: str, allowed: Sequence[str], discovery_prefix: str) -> str | None:
         """Why the agent must not publish a reply on a command's v5 Response Topic, or None.
@@ -84,9 +86,8 @@ class Topics:
             return "a '$' topic is reserved for the broker"
         levels = topic.split("/")
         own = self.base.split("/")
-        if levels[: len(own)] == own and len(levels) == len(own) + 3 and levels[len(own)] == "_ctl" \
-                and levels[-1] == "reply":  # fmt: skip
-            return None
+        if levels[: len(own) + 1] == [*own, CTL_LEVEL] and len(levels) > len(own) + 1 and levels[-1] != "cmd":
+            return None  # this device's own inbox space (edge-agent ctl); `_ctl` is no camera id
         head = self.prefix.split("/")
         if levels[: len(head)] == head:
             return f"topics under '{self.prefix}/' are device command and status topics"

@@ -295,3 +295,24 @@ def test_link_refuses_invalid_topics_instead_of_getting_disconnected(tmp_path: P
     link.publish(f"{P_D}/cam1/tasks/a#b", b"x", retain=True)
     assert link.publish_stats()["publishes_refused"] == 2
     assert link.publish_stats()["retained_waiting"] == 0
+
+
+def test_own_ctl_inbox_space_is_allowed_but_not_a_cmd_topic(build: Callable[..., Harness]) -> None:
+    h = build()
+    send(h, {"action": "status"}, response_topic=f"{P_D}/_ctl/inbox")
+    assert h.pub.replies[-1][2] == f"{P_D}/_ctl/inbox"
+    send(h, {"action": "status"}, response_topic=f"{P_D}/_ctl/x/cmd")
+    assert h.pub.replies[-1][2] is None and json.loads(h.pub.replies[-1][1])["ok"] is False
+
+
+def test_ctl_is_a_reserved_camera_id(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="reserved"):
+        parse_config({"device_id": "d", "cameras": {"_ctl": {"url": "rtsp://h/s"}}}, env={})
+
+
+def test_a_command_whose_reply_topic_cannot_exist_is_counted_unanswered(build: Callable[..., Harness]) -> None:
+    h = build()
+    send(h, {"action": "status"}, camera="g" * 70000)
+    assert h.pub.replies == []
+    tele = h.agent._telemetry_doc()
+    assert tele["commands_received"] == 1 and tele["commands_unanswered"] == 1
