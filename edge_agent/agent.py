@@ -23,6 +23,20 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from edge_agent import __version__, discovery, ffmpeg, names
 from edge_agent.config import CAMERA_ID_RE, AgentConfig, secret_values
 from edge_agent.errors import FFmpegNotFound, RecordingError
+from edge_agent.events import (
+    CommandReceived,
+    Connected,
+    Disconnected,
+    MessageReceived,
+    MqttEvent,
+    OutboxReady,
+    UploadAttempt,
+    UploadEvent,
+    UploadFailed,
+    UploadFinished,
+    UploadProgress,
+    UploadRetrying,
+)
 from edge_agent.journal import Journal
 from edge_agent.limits import InboundGate, TokenBucket
 from edge_agent.messages import (
@@ -35,7 +49,6 @@ from edge_agent.messages import (
     event_doc,
     transition_events,
 )
-from edge_agent.mqtt import CommandReceived, Connected, Disconnected, MessageReceived, MqttEvent, OutboxReady
 from edge_agent.recorder import (
     Interrupted,
     MediaStarted,
@@ -51,14 +64,6 @@ from edge_agent.recorder import (
 from edge_agent.redact import redact
 from edge_agent.tasks import Task, iso, stamp, utc_now
 from edge_agent.topics import DiscoveryTopics, Topics
-from edge_agent.uploads import (
-    UploadAttempt,
-    UploadEvent,
-    UploadFailed,
-    UploadFinished,
-    UploadProgress,
-    UploadRetrying,
-)
 
 log = logging.getLogger(__name__)
 

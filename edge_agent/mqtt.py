@@ -17,7 +17,6 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import paho.mqtt.client as paho
@@ -28,6 +27,14 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent import names
 from edge_agent.config import MqttConfig
+from edge_agent.events import (  # re-exported: the link's events
+    CommandReceived,
+    Connected,
+    Disconnected,
+    MessageReceived,
+    MqttEvent,
+    OutboxReady,
+)
 from edge_agent.limits import InboundGate
 from edge_agent.tls import client_context
 from edge_agent.topics import Topics
@@ -37,39 +44,6 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
-
-@dataclass(frozen=True)
-class Connected:
-    session_present: bool
-
-
-@dataclass(frozen=True)
-class Disconnected:
-    reason: str
-
-
-@dataclass(frozen=True)
-class CommandReceived:
-    camera_id: str
-    payload: bytes
-    response_topic: str | None = None
-    correlation_data: bytes | None = None
-
-
-@dataclass(frozen=True)
-class MessageReceived:
-    """A message on an extra subscription (`add_subscription`), e.g. Home Assistant's birth topic."""
-
-    topic: str
-    payload: bytes
-
-
-@dataclass(frozen=True)
-class OutboxReady:
-    """paho's queue has room again and retained values are waiting (`MqttLink.flush_held`)."""
-
-
-MqttEvent = Connected | Disconnected | CommandReceived | MessageReceived | OutboxReady
 
 PACKET_OVERHEAD = 4096  # fixed header, topic and v5 properties on top of a command's payload
 # v5 DISCONNECT reasons that blame what we sent: malformed packet, protocol error, not authorized,

@@ -56,6 +56,14 @@ from tenacity import (
 
 from edge_agent.config import StorageConfig
 from edge_agent.errors import PermanentUploadError, TransientUploadError, UploadError
+from edge_agent.events import (  # re-exported: the workers' events
+    UploadAttempt,
+    UploadEvent,
+    UploadFailed,
+    UploadFinished,
+    UploadProgress,
+    UploadRetrying,
+)
 from edge_agent.tasks import iso, utc_now
 
 log = logging.getLogger(__name__)
@@ -72,48 +80,6 @@ PERMANENT_S3_CODES = frozenset({
 # ---- events ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class UploadAttempt:
-    task_id: str
-    attempt: int
-
-
-@dataclass(frozen=True)
-class UploadProgress:
-    """A multipart upload exists (`upload_id`, journaled at once so a restart resumes it) or one more
-    part is on the server: `bytes_uploaded` of the file are there."""
-
-    task_id: str
-    upload_id: str
-    bytes_uploaded: int
-
-
-@dataclass(frozen=True)
-class UploadRetrying:
-    task_id: str
-    attempts: int
-    next_retry_at: str
-    error: str
-
-
-@dataclass(frozen=True)
-class UploadFinished:
-    task_id: str
-    bucket: str
-    object_name: str
-    download_url: str
-    local_file_deleted: bool
-    attempts: int
-
-
-@dataclass(frozen=True)
-class UploadFailed:
-    task_id: str
-    error: str
-    attempts: int
-
-
-UploadEvent = UploadAttempt | UploadProgress | UploadRetrying | UploadFinished | UploadFailed
 
 
 @dataclass(order=True, frozen=True)

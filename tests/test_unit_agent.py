@@ -686,3 +686,14 @@ def test_upload_progress_is_journaled_and_resumed_with_its_upload_id(build: Call
     assert h.pub.retained(f"{P_D}/uploads")["bytes_uploaded"] == 16 * 2**20  # type: ignore[index]
     journaled = h.journal.find("cam1", "big")
     assert journaled is not None and journaled.upload_id == "upload-123"
+
+
+def test_the_agent_module_loads_neither_paho_nor_minio() -> None:
+    """The agent talks to a Publisher and an UploadSubmitter, never to paho or minio themselves."""
+    import subprocess
+    import sys
+
+    code = ("import sys, edge_agent.agent; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'paho', 'minio', 'urllib3'}))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
