@@ -62,14 +62,14 @@ from edge_agent.recorder import (
     probe_camera,
 )
 from edge_agent.redact import redact
-from edge_agent.tasks import Task, iso, stamp, utc_now
+from edge_agent.tasks import Status, Task, iso, stamp, utc_now
 from edge_agent.topics import DiscoveryTopics, Topics
 
 log = logging.getLogger(__name__)
 
 # A camera is busy while recording and while its first upload attempt runs (as the HTTP service
 # did); a task waiting out an object-store outage (`upload_pending`) does not block new recordings.
-BUSY_STATUSES = ACTIVE_STATUSES | {"uploading"}
+BUSY_STATUSES = ACTIVE_STATUSES | {Status.UPLOADING}
 DEDUP_REQUESTS = 1000
 HOUSEKEEPING_SECONDS = 60.0
 
@@ -240,7 +240,7 @@ class Agent:
                 self._remember(task)
         for task in self._journal.with_status(ACTIVE_STATUSES):
             if task.camera_id not in self.cfg.cameras or self._ffmpeg_error:
-                task.status, task.error = "failed", (
+                task.status, task.error = Status.FAILED, (
                     self._ffmpeg_error or f"camera {task.camera_id!r} is no longer configured"
                 )
                 self._remember(task)
@@ -248,7 +248,7 @@ class Agent:
                 continue
             task.recovered = True
             task.stop_reason = f"agent restarted while the task was {task.status}; recovered from segments"
-            task.status = "stopping"
+            task.status = Status.STOPPING
             task.updated = utc_now()
             self._journal.save(task)
             self._remember(task)
@@ -261,7 +261,7 @@ class Agent:
         for task in self._journal.with_status(UPLOAD_STATUSES):
             self._remember(task)
             if self._uploads is None:  # storage switched to local since: the file stays where it is
-                self._update(task, status="completed", next_retry_at=None,
+                self._update(task, status=Status.COMPLETED, next_retry_at=None,
                              error="upload abandoned: storage.type is now local; the file is kept on disk")
                 continue
             self._tasks[task.task_id] = task
@@ -336,8 +336,8 @@ class Agent:
                 self._probe_cache[cam] = mode
             case MediaStarted(task_id=tid):
                 task = self._tasks.get(tid)
-                if task is not None and task.status == "starting":
-                    self._update(task, status="recording")
+                if task is not None and task.status == Status.STARTING:
+                    self._update(task, status=Status.RECORDING)
             case SegmentClosed(task_id=tid, path=path, seconds=seconds):
                 task = self._tasks.get(tid)
                 if task is not None and self.cfg.recording.segment_events:
@@ -358,7 +358,7 @@ class Agent:
             case UploadAttempt(task_id=tid, attempt=n):
                 task = self._tasks.get(tid)
                 if task is not None:
-                    self._update(task, status="uploading", upload_attempts=n)
+                    self._update(task, status=Status.UPLOADING, upload_attempts=n)
             case UploadProgress(task_id=tid, upload_id=upload_id, bytes_uploaded=done):
                 task = self._tasks.get(tid)
                 if task is not None:  # journaled at once: a restart resumes this multipart upload
@@ -367,13 +367,13 @@ class Agent:
                 task = self._tasks.get(tid)
                 self._last_upload_error = err
                 if task is not None:
-                    self._update(task, status="upload_pending", upload_attempts=n, next_retry_at=when,
+                    self._update(task, status=Status.UPLOAD_PENDING, upload_attempts=n, next_retry_at=when,
                                  last_upload_error=err)  # fmt: skip
             case UploadFinished():
                 task = self._tasks.pop(event.task_id, None)
                 if task is not None:
                     self._update(
-                        task, status="uploaded", bucket=event.bucket, object_name=event.object_name,
+                        task, status=Status.UPLOADED, bucket=event.bucket, object_name=event.object_name,
                         download_url=(event.download_url or None) if self._url_retained else None,
                         local_file_deleted=event.local_file_deleted,
                         upload_attempts=event.attempts, next_retry_at=None, error=None,
@@ -382,7 +382,7 @@ class Agent:
                 task = self._tasks.pop(tid, None)
                 self._last_upload_error = error
                 if task is not None:
-                    self._update(task, status="failed", error=f"upload failed: {error}", upload_attempts=n,
+                    self._update(task, status=Status.FAILED, error=f"upload failed: {error}", upload_attempts=n,
                                  next_retry_at=None)  # fmt: skip
 
     # ---- commands --------------------------------------------------------------------------
@@ -588,7 +588,7 @@ class Agent:
         """A task's status for a reply: with `storage.download_url: replies`, plus a freshly presigned
         URL (valid `presign_seconds` from now), which then never sits on a retained topic."""
         doc = task.status_doc()
-        if (self.cfg.storage.download_url == "replies" and task.status == "uploaded" and task.object_name
+        if (self.cfg.storage.download_url == "replies" and task.status == Status.UPLOADED and task.object_name
                 and self._uploads is not None):  # fmt: skip
             url = self._uploads.presign(task.object_name)
             if url:
@@ -632,7 +632,7 @@ class Agent:
     def _request_stop(self, task: Task, reason: str) -> None:
         self._deadlines.pop(task.task_id, None)
         rec = self._recorders.get(task.task_id)
-        self._update(task, status="stopping", stop_reason=task.stop_reason or reason)
+        self._update(task, status=Status.STOPPING, stop_reason=task.stop_reason or reason)
         if rec is not None:
             rec.request_stop()
 
@@ -665,12 +665,12 @@ class Agent:
             changes["stop_reason"] = "recording ended"
         if self.cfg.storage.type == "local" or self._uploads is None:
             self._tasks.pop(task.task_id, None)
-            self._update(task, status="completed", **changes)
+            self._update(task, status=Status.COMPLETED, **changes)
             self._release(task)
             return
         # Journal first (status `uploading`), then hand the job to a worker: a crash in between
         # leaves the task in the journal's upload queue, resumed at the next start.
-        self._update(task, status="uploading", upload_attempts=task.upload_attempts or 0, **changes)
+        self._update(task, status=Status.UPLOADING, upload_attempts=task.upload_attempts or 0, **changes)
         self._queue_upload(task)
         if self._stopping:
             self._release(task)
@@ -680,7 +680,7 @@ class Agent:
         path = Path(task.local_file)
         if not path.exists() or task.sha256 is None or task.size_bytes is None or task.object_name is None:
             self._tasks.pop(task.task_id, None)
-            self._update(task, status="failed", error=f"local file {path.name} is missing; nothing to upload")
+            self._update(task, status=Status.FAILED, error=f"local file {path.name} is missing; nothing to upload")
             self._release(task)
             return
         self._uploads.submit(task.task_id, path, task.object_name, task.sha256, task.size_bytes,
@@ -690,7 +690,7 @@ class Agent:
         task = self._tasks.pop(task_id, None)
         if task is None:
             return
-        self._update(task, status="failed", error=error)
+        self._update(task, status=Status.FAILED, error=error)
         self._release(task)
 
     # ---- state and publishing -----------------------------------------------------------------

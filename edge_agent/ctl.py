@@ -38,6 +38,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from edge_agent.config import AgentConfig, load_config
 from edge_agent.errors import ConfigError
 from edge_agent.mqtt import describe_connect_error
+from edge_agent.tasks import TERMINAL_OK_STATUSES, TERMINAL_STATUSES
 from edge_agent.tls import client_context
 from edge_agent.topics import Topics
 
@@ -46,8 +47,8 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_TIMEOUT = 3
 
-TERMINAL_OK = frozenset({"uploaded", "completed"})
-TERMINAL = TERMINAL_OK | {"failed"}
+TERMINAL_OK = TERMINAL_OK_STATUSES
+TERMINAL = TERMINAL_STATUSES
 ACTIONS = ("start", "stop", "status", "query")
 
 EPILOG = """exit codes:

@@ -1,7 +1,8 @@
 """Task state on disk (SQLite, standard library): the durable upload queue and crash recovery.
 
 Only the agent thread opens it. Every status change is committed before it is published, so a
-status a client has seen survives `kill -9` and power cuts (WAL, synchronous=FULL).
+status a client has seen survives `kill -9` and power cuts (WAL, synchronous=FULL; the directory
+holding it is fsynced when it is made, see `edge_agent.durable`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
-from edge_agent.tasks import Task
+from edge_agent import durable
+from edge_agent.tasks import TERMINAL_STATUSES, Status, Task
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -41,12 +43,15 @@ class Journal:
     """Persistent table of tasks keyed by task id."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        durable.make_dirs(path.parent)
         self.path = path
         self._db = sqlite3.connect(str(path), isolation_level=None, timeout=10)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        # SQLite fsyncs the directory when it creates a journal or WAL file, not the database file
+        # itself: make the database's own name durable too (once per start; cheap when clean).
+        durable.try_fsync_dir(path.parent)
 
     def save(self, task: Task) -> None:
         self._db.execute(
@@ -88,15 +93,16 @@ class Journal:
         )
 
     def finished_uploaded_kept(self) -> list[Task]:
-        return [t for t in self.with_status(frozenset({"uploaded"})) if not t.local_file_deleted]
+        return [t for t in self.with_status(frozenset({Status.UPLOADED})) if not t.local_file_deleted]
 
     def prune(self, camera_id: str, keep: int) -> int:
         """Forget finished tasks beyond the newest `keep` of a camera; unfinished ones are never pruned."""
+        terminal = sorted(TERMINAL_STATUSES)
         cur = self._db.execute(
-            "DELETE FROM tasks WHERE camera_id = ? AND status IN ('uploaded', 'completed', 'failed') "
+            f"DELETE FROM tasks WHERE camera_id = ? AND status IN ({','.join('?' * len(terminal))}) "
             "AND task_id NOT IN (SELECT task_id FROM tasks WHERE camera_id = ? "
             "ORDER BY started_at DESC LIMIT ?)",
-            (camera_id, camera_id, keep),
+            (camera_id, *terminal, camera_id, keep),
         )
         return cur.rowcount
 

@@ -15,13 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 
 from edge_agent import names
 from edge_agent.errors import CommandError
+from edge_agent.tasks import ACTIVE_STATUSES, TERMINAL_STATUSES, UPLOAD_STATUSES, Status
+
+__all__ = ["ACTIVE_STATUSES", "TERMINAL_STATUSES", "UPLOAD_STATUSES", "Status"]  # re-exported
 
 Action = Literal["start", "stop", "status", "query", "pause_uploads", "resume_uploads"]
 
-# Status values. Active ones hold the camera; terminal ones free it.
-ACTIVE_STATUSES = frozenset({"starting", "recording", "stopping"})
-UPLOAD_STATUSES = frozenset({"uploading", "upload_pending"})
-TERMINAL_STATUSES = frozenset({"uploaded", "completed", "failed"})
 
 MAX_TASK_NAME_BYTES = names.MAX_NAME_BYTES
 MAX_REQUEST_ID_CHARS = 200
@@ -151,7 +150,7 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "failed": ("error",),
     "completed": ("local_file", "duration_seconds", "size_bytes", "sha256"),
 }
-FINALISED_STATUSES = UPLOAD_STATUSES | {"completed"}
+FINALISED_STATUSES = UPLOAD_STATUSES | {Status.COMPLETED}
 
 
 def event_doc(kind: str, camera_id: Any, task_name: Any, device_id: Any, at: str, **fields: Any) -> dict[str, Any]:
@@ -167,11 +166,11 @@ def transition_events(old_status: str, doc: dict[str, Any], at: str) -> list[dic
     if new == old_status:
         return []
     kinds: list[str] = []
-    if new == "recording":
+    if new == Status.RECORDING:
         kinds.append("started")
     if old_status in ACTIVE_STATUSES and new in FINALISED_STATUSES:
         kinds.append("stopped")
-    if new in ("uploaded", "failed", "completed"):
+    if new in TERMINAL_STATUSES:
         kinds.append(new)
     out = []
     for kind in kinds:

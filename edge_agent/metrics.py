@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from edge_agent.tasks import ACTIVE_STATUSES
+
 log = logging.getLogger(__name__)
 
 # telemetry key -> (metric name, type, help)
@@ -56,7 +58,7 @@ def render(snapshot: Mapping[str, Any]) -> str:
         lines += ["# HELP edge_agent_camera_recording 1 while the camera's task is starting/recording/stopping",
                   "# TYPE edge_agent_camera_recording gauge"]  # fmt: skip
         for cam, status in sorted(cameras.items()):
-            active = 1 if status in ("starting", "recording", "stopping") else 0
+            active = 1 if status in ACTIVE_STATUSES else 0
             lines.append(f'edge_agent_camera_recording{{camera="{_escape(cam)}",status="{_escape(status)}"}} {active}')
     return "\n".join(lines) + "\n"
 

@@ -9,8 +9,29 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
+
+
+class Status(StrEnum):
+    """A task's status: the one list of them (published as their plain string values)."""
+
+    STARTING = "starting"
+    RECORDING = "recording"
+    STOPPING = "stopping"
+    UPLOADING = "uploading"
+    UPLOAD_PENDING = "upload_pending"
+    UPLOADED = "uploaded"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+# Active ones hold the camera; terminal ones free it.
+ACTIVE_STATUSES = frozenset({Status.STARTING, Status.RECORDING, Status.STOPPING})
+UPLOAD_STATUSES = frozenset({Status.UPLOADING, Status.UPLOAD_PENDING})
+TERMINAL_STATUSES = frozenset({Status.UPLOADED, Status.COMPLETED, Status.FAILED})
+TERMINAL_OK_STATUSES = frozenset({Status.UPLOADED, Status.COMPLETED})
 
 # Order matters: it is the order of keys in the published JSON.
 STATUS_FIELDS = (
@@ -51,7 +72,7 @@ class Task:
     storage_type: str
     local_file: str
     max_seconds: int
-    status: str = "starting"
+    status: Status = Status.STARTING
     updated: datetime = field(default_factory=utc_now)
     bucket: str | None = None
     object_name: str | None = None
@@ -104,6 +125,7 @@ class Task:
     def from_record(cls, rec: dict[str, Any]) -> Task:
         known = {f.name for f in dataclasses.fields(cls)}
         data = {k: v for k, v in rec.items() if k in known}
+        data["status"] = Status(rec["status"])
         data["started"] = parse_iso(rec["started"])
         data["updated"] = parse_iso(rec["updated"])
         return cls(**data)
