@@ -29,6 +29,7 @@ import http.client
 import itertools
 import logging
 import queue
+import random
 import socket
 import threading
 import time
@@ -51,7 +52,6 @@ from tenacity import (
     retry_if_exception_type,
     sleep_using_event,
     stop_when_event_set,
-    wait_exponential_jitter,
 )
 
 from edge_agent.config import StorageConfig
@@ -103,6 +103,7 @@ class UploadState:
 
     upload_id: str | None = None
     bytes_uploaded: int = 0
+    parts_sent: int = 0  # parts this process has sent (progress, for the retry backoff)
 
 
 # ---- the object store --------------------------------------------------------------------------
@@ -139,7 +140,12 @@ def classify(exc: BaseException) -> UploadError:
 
 
 SEND_SLICE = 64 * 1024
-PART_CONCURRENCY = 3  # parts of one upload in flight at once (memory: this many parts per worker)
+PART_CONCURRENCY = 3  # parts of one upload in flight at once at most (memory: this many parts per worker)
+MAX_IN_FLIGHT_SHARE = 0.05  # ... and never more than this share of the file (what a cut or kill -9 costs)
+
+
+def _part_length(number: int, size: int, part_size: int) -> int:
+    return min(part_size, size - (number - 1) * part_size)
 
 
 class Pacer:
@@ -221,6 +227,13 @@ def _paced_pools(pacer: Pacer, stall_timeout: float) -> dict[str, type[urllib3.c
         ConnectionCls = SConn
 
     return {"http": Pool, "https": SPool}
+
+
+def backoff_seconds(
+    streak: int, first: float, cap: float, rand: Callable[[float, float], float] = random.uniform
+) -> float:
+    """Exponential backoff with jitter after `streak` failed attempts in a row without progress."""
+    return float(min(cap, first * 2.0 ** min(max(streak, 1) - 1, 30) + rand(0, first)))
 
 
 def _etag(value: str | None) -> str:
@@ -309,11 +322,23 @@ class MinioStore:
             state.upload_id = self._client._create_multipart_upload(bucket, key, dict(headers))
             have = {}
         count = (size + part_size - 1) // part_size
-        state.bytes_uploaded = 0
-        progress(state)  # journal the upload id before the first byte goes
         upload_id = state.upload_id
         etags: dict[int, str] = {}
-        reused: list[int] = []
+        # Parts the server already has (size and MD5 match the local bytes) are kept; progress then
+        # starts from them, in one report, instead of counting up from 0 again.
+        to_send: list[int] = []
+        state.bytes_uploaded = 0
+        for number in range(1, count + 1):
+            server = have.get(number)
+            if server is not None and server.size == _part_length(number, size, part_size):
+                with job.path.open("rb") as pf:
+                    pf.seek((number - 1) * part_size)
+                    if _etag(server.etag) == hashlib.md5(pf.read(part_size), usedforsecurity=False).hexdigest():
+                        etags[number] = server.etag
+                        state.bytes_uploaded += server.size
+                        continue
+            to_send.append(number)
+        progress(state)  # journals the upload id before the first byte goes
         lock = threading.Lock()
         failed = threading.Event()
 
@@ -323,24 +348,19 @@ class MinioStore:
             with job.path.open("rb") as pf:  # one handle per thread
                 pf.seek((number - 1) * part_size)
                 data = pf.read(part_size)
-            server = have.get(number)
-            if server is not None and server.size == len(data) and \
-                    _etag(server.etag) == hashlib.md5(data, usedforsecurity=False).hexdigest():  # fmt: skip
-                etag = server.etag
-                with lock:
-                    reused.append(number)
-            else:
-                etag = self._client._upload_part(bucket, key, data, None, upload_id, number)
-            with lock:
+            etag = self._client._upload_part(bucket, key, data, None, upload_id, number)
+            with lock:  # progress posted under the lock too: parts ending together never report out of order
                 etags[number] = etag
                 state.bytes_uploaded += len(data)
-            progress(state)
+                state.parts_sent += 1
+                progress(state)
 
-        # A few parts at once, as minio-py's own put_object does: one TCP stream rarely fills a link.
-        workers = min(PART_CONCURRENCY, count)
+        # A few parts at once, as minio-py's own put_object does (one TCP stream rarely fills a link),
+        # but never more than MAX_IN_FLIGHT_SHARE of the file: a cut or a kill loses what is in flight.
+        workers = max(1, min(PART_CONCURRENCY, int(size * MAX_IN_FLIGHT_SHARE) // part_size, len(to_send)))
         name = f"{threading.current_thread().name}.part"
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name) as ex:
-            futures = [ex.submit(send, n) for n in range(1, count + 1)]
+            futures = [ex.submit(send, n) for n in to_send]
             try:
                 for fut in as_completed(futures):
                     fut.result()
@@ -349,9 +369,9 @@ class MinioStore:
                 ex.shutdown(wait=True, cancel_futures=True)
                 raise
         done = [Part(n, etags[n]) for n in range(1, count + 1)]
-        if reused:
+        if len(to_send) < count:
             log.info("upload of %s resumed: %d of %d parts were already on the server",
-                     job.task_id, len(reused), count)  # fmt: skip
+                     job.task_id, count - len(to_send), count)  # fmt: skip
         self._client._complete_multipart_upload(bucket, key, state.upload_id, done)
 
     def _server_parts(self, key: str, state: UploadState) -> dict[int, Part] | None:
@@ -533,8 +553,10 @@ class UploadPool:
             if st.upload_id is not None:
                 self._post(UploadProgress(job.task_id, st.upload_id, st.bytes_uploaded))
 
+        streak = 0  # failed attempts in a row that got no part to the server
+
         def attempt() -> None:
-            nonlocal attempts
+            nonlocal attempts, streak
             while not self._running.wait(1.0):  # paused (metered link): no new attempt either
                 if self._stop.is_set():
                     break
@@ -542,10 +564,17 @@ class UploadPool:
                 raise TransientUploadError("shutting down")
             attempts += 1
             self._post(UploadAttempt(job.task_id, attempts))
+            sent_before = state.parts_sent
             try:
                 self._store.put(job, self._stop, state, progress)
             except Exception as exc:
+                # A link that drops every few minutes but moves parts in between is not an outage:
+                # the backoff starts again from its first step after an attempt that made progress.
+                streak = 1 if state.parts_sent > sent_before else streak + 1
                 raise classify(exc) from exc
+
+        def wait(retry_state: RetryCallState) -> float:
+            return backoff_seconds(streak, self._cfg.retry_initial_seconds, self._cfg.retry_max_seconds)
 
         def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
@@ -557,10 +586,7 @@ class UploadPool:
 
         retrying = Retrying(
             retry=retry_if_exception_type(TransientUploadError),
-            wait=wait_exponential_jitter(
-                multiplier=self._cfg.retry_initial_seconds, max=self._cfg.retry_max_seconds,
-                jitter=self._cfg.retry_initial_seconds,
-            ),
+            wait=wait,
             stop=stop_when_event_set(self._stop),
             sleep=sleep_using_event(self._stop),
             before_sleep=before_sleep,

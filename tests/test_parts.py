@@ -143,7 +143,8 @@ def test_write_config(tmp_path: Path) -> None:
         mqtt={"qos": 1},
     )
     config = yaml.safe_load(path.read_text())
-    assert config["mqtt"] == {"host": "127.0.0.1", "port": 1883, "topic_prefix": "edge", "qos": 1}
+    assert config["mqtt"] == {"host": "127.0.0.1", "port": 1883, "topic_prefix": "edge", "qos": 1,
+                              "command_burst": 1000}  # fmt: skip
     assert config["cameras"]["cam1"] == {
         "url": "rtsp://127.0.0.1:8554/cam1",
         "rtsp_transport": "tcp",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import itertools
 import queue
 import threading
 import time
@@ -27,6 +28,7 @@ from edge_agent.uploads import (
     UploadPool,
     UploadRetrying,
     UploadState,
+    backoff_seconds,
     classify,
 )
 
@@ -169,6 +171,38 @@ def pools() -> Iterator[list[UploadPool]]:
     yield made
     for pool in made:
         pool.stop(timeout=0.0)  # idle daemon workers notice within their 1 s queue poll
+
+
+def test_backoff_grows_without_progress_and_restarts_after_it() -> None:
+    no_jitter: Callable[[float, float], float] = lambda a, b: 0.0  # noqa: E731
+    assert [backoff_seconds(n, 1.0, 300.0, no_jitter) for n in (1, 2, 3, 4, 9, 40)] == [1, 2, 4, 8, 256, 300]
+
+
+class ProgressThenFail(FakeStore):
+    """Gets one more part to the server on every attempt, then the link drops; done on the 6th."""
+
+    def put(self, job: UploadJob, stop: threading.Event, state: UploadState,
+            progress: Callable[[UploadState], None]) -> None:  # fmt: skip
+        self.puts.append(job.task_id)
+        state.parts_sent += 1
+        if len(self.puts) < 6:
+            raise ConnectionResetError(104, "cut")
+
+
+def test_attempts_that_make_progress_do_not_grow_the_backoff(tmp_path: Path, pools: list[UploadPool]) -> None:
+    events = Events()
+    pool = UploadPool(ProgressThenFail(), storage(retry_initial_seconds=0.05, retry_max_seconds=60), events.post)
+    pools.append(pool)
+    pool.start()
+    pool.submit("cam1/t_1", make_file(tmp_path), "o.mp4", "ab" * 32, 100, created=1.0)
+    done = events.until((UploadFinished, UploadFailed), timeout=20)
+    assert isinstance(done, UploadFinished) and done.attempts == 6
+    retries = [e for e in events.drain() if isinstance(e, UploadRetrying)]
+    # The attempts themselves are instant, so the gaps between retry times are the waits. Without the
+    # reset the last would be 0.05 * 2**4 + jitter >= 0.8 s; with it each is 0.05-0.1 s.
+    when = [datetime.fromisoformat(e.next_retry_at.replace("Z", "+00:00")) for e in retries]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(when)]
+    assert len(retries) == 5 and max(gaps) < 0.5, gaps
 
 
 def make_file(tmp_path: Path, name: str = "t.mp4", data: bytes = b"\x00" * 100) -> Path:
