@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from edge_agent import __version__, ctl, ffmpeg, notify, tls
+from edge_agent import __version__, ctl, durable, ffmpeg, notify, tls
 from edge_agent.agent import Agent, Event, Shutdown
 from edge_agent.config import AgentConfig, load_config, secret_values
 from edge_agent.errors import ConfigError
@@ -148,7 +148,7 @@ def run_agent(cfg: AgentConfig, redactor: RedactingFormatter) -> int:
     events = HeartbeatQueue()
     stopping = threading.Event()
     output_dir = cfg.recording.output_dir.resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
+    durable.make_dirs(output_dir)  # its name too must survive a power cut, or the journal is lost
     journal = Journal(output_dir / JOURNAL_NAME)
     pool = None
     if cfg.storage.type == "minio":

@@ -8,6 +8,12 @@ reports through `post(event)`, which only enqueues. Lifecycle of each FFmpeg run
 
 Finalising joins the MPEG-TS segments into a `+faststart` MP4 with stream copy. Segments that
 cannot be read are moved to `rejected/` beside them and reported, never deleted.
+
+Power cuts: FFmpeg never fsyncs, so the recorder makes each segment durable (file and directory,
+see `edge_agent.durable`) as FFmpeg reports it closed, and any segment a killed FFmpeg left
+behind once it is reaped: a cut loses at most the segment being written. The joined MP4 is made
+durable before its segments are removed, and those are removed in a way a cut cannot turn into
+a shorter MP4 (`_retire_segments`).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal
 
-from edge_agent import ffmpeg
+from edge_agent import durable, ffmpeg
 from edge_agent.errors import RecordingError
 
 log = logging.getLogger(__name__)
@@ -132,6 +138,8 @@ class Recorder(threading.Thread):
         self._stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         self._media_seen = False
         self._segment_seconds: dict[str, float] = {}  # as FFmpeg reported each closed segment
+        self._durable: set[str] = set()  # segments fsynced (file and directory entry)
+        self.sync_seconds = 0.0  # wall time spent in those fsyncs (on this thread, never the agent's)
         self.interruptions = 0
 
     # -- called from the agent thread --------------------------------------------------------
@@ -152,6 +160,9 @@ class Recorder(threading.Thread):
                 if orphans:
                     log.warning("%s: killed orphaned FFmpeg %s still recording", self.spec.task_id, orphans)
                     time.sleep(0.5)  # let the kernel close its files before the segments are read
+                # What the dead agent's FFmpeg wrote may still be only in the page cache (a kill -9
+                # is not a power cut): make it durable before a cut during this recovery loses it.
+                self._sync_left_behind()
             else:
                 self._record()
                 if not self._media_seen:
@@ -184,7 +195,7 @@ class Recorder(threading.Thread):
 
     def _record(self) -> None:
         spec = self.spec
-        spec.segment_dir.mkdir(parents=True, exist_ok=True)
+        durable.make_dirs(spec.segment_dir)
         mode = self._resolve_mode()
         started = time.monotonic()
         restarts = 0
@@ -242,8 +253,33 @@ class Recorder(threading.Thread):
                 return self._supervise(proc, task_started, seg_r)
             finally:
                 self._reap(proc)
+                self._sync_left_behind()
         finally:
             os.close(seg_r)
+
+    def _make_durable(self, names: list[str]) -> None:
+        """fsync closed segments, then their directory (new names are durable only with it).
+
+        A failing fsync is logged, not raised: the recording goes on, only its power-cut safety is
+        reduced (the disk is failing anyway). Called on this thread, so it never blocks the agent.
+        """
+        if not names:
+            return
+        started = time.perf_counter()
+        try:
+            for name in names:
+                durable.fsync_file(self.spec.segment_dir / name)
+                self._durable.add(name)
+            durable.fsync_dir(self.spec.segment_dir)
+        except OSError as exc:
+            log.warning("%s: could not make segments %s durable: %s", self.spec.task_id, names, exc)
+        finally:
+            self.sync_seconds += time.perf_counter() - started
+
+    def _sync_left_behind(self) -> None:
+        """Make durable every segment on disk not yet made so (a killed FFmpeg never reports its last)."""
+        if self.spec.segment_dir.is_dir():
+            self._make_durable([p.name for p in _segments(self.spec.segment_dir) if p.name not in self._durable])
 
     def _supervise(self, proc: subprocess.Popen[bytes], task_started: float, seg_r: int) -> str:
         spec = self.spec
@@ -315,6 +351,7 @@ class Recorder(threading.Thread):
                             seg = ffmpeg.parse_segment_line(line)
                             if seg is not None:
                                 self._segment_seconds[seg[0]] = seg[1]
+                                self._make_durable([seg[0]])
                                 self._post(SegmentClosed(spec.task_id, spec.segment_dir / seg[0], seg[1]))
                         elif line.strip():
                             self._stderr_tail.append(self._redact(line.strip())[:300])
@@ -357,6 +394,8 @@ class Recorder(threading.Thread):
 
     def _finalise(self) -> None:
         known = None if self._finalise_only else self._segment_seconds
+        log.debug("%s: %d segments made durable in %.1f ms", self.spec.task_id, len(self._durable),
+                  1000 * self.sync_seconds)  # fmt: skip
         with FINALISE_SLOTS:
             self._post(finalise_segments(self.spec, known))
 
@@ -477,9 +516,10 @@ def _screen(spec: RecordingSpec, segments: list[Path]) -> tuple[list[Path], list
 
 def _set_aside(spec: RecordingSpec, names: list[str]) -> None:
     aside = spec.segment_dir.parent / (spec.segment_dir.name + ".rejected")
-    aside.mkdir(exist_ok=True)
+    durable.make_dirs(aside)
     for name in names:
         os.replace(spec.segment_dir / name, aside / name)
+    durable.try_fsync_dir(aside)  # kept for inspection: not lost with the segment directory later
     log.warning("%s: set aside unreadable segments %s in %s", spec.task_id, names, aside)
 
 
@@ -498,11 +538,12 @@ def finalise_segments(
     if out.exists() and not spec.segment_dir.exists():
         info = _probe_file(spec.ffprobe, out, spec.probe_timeout)
         if info is not None:
+            _remove_retired(spec)  # left by a cut while the segments were being removed
             return RecordingFinished(spec.task_id, out, out.stat().st_size, info.duration, sha256_file(out))
     segments = [s for s in _segments(spec.segment_dir) if s.stat().st_size > 0] if spec.segment_dir.exists() else []
     if not segments:
         return RecordingFailed(spec.task_id, "no media was recorded (no non-empty segments on disk)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    durable.make_dirs(out.parent)
     part = out.with_name(out.name + ".part")
     rejected: list[str] = []
     screened = known_seconds is None
@@ -530,13 +571,10 @@ def finalise_segments(
     with part.open("rb") as f:
         os.fsync(f.fileno())  # FFmpeg does not fsync: make the file durable before the rename
     os.replace(part, out)
-    _fsync_dir(out.parent)
-    if info.duration >= expected - tolerance:
-        for seg in _segments(spec.segment_dir):
-            seg.unlink()
-        with contextlib.suppress(OSError):
-            (spec.segment_dir / "concat.txt").unlink()
-            spec.segment_dir.rmdir()
+    if not durable.try_fsync_dir(out.parent):
+        log.warning("%s: segments kept in %s: the MP4 may not be durable", spec.task_id, spec.segment_dir)
+    elif info.duration >= expected - tolerance:
+        _retire_segments(spec)
     else:  # keep the evidence rather than delete media the MP4 may not hold
         log.warning("%s: MP4 has %.1f s of %.1f s recorded; segments kept in %s",
                     spec.task_id, info.duration, expected, spec.segment_dir)  # fmt: skip
@@ -545,10 +583,37 @@ def finalise_segments(
     )
 
 
-def _fsync_dir(path: Path) -> None:
+def _retired_dir(spec: RecordingSpec) -> Path:
+    return spec.segment_dir.with_name(spec.segment_dir.name + ".done")
+
+
+def _retire_segments(spec: RecordingSpec) -> None:
+    """Remove the segments of a durable MP4: rename their directory (durably), then empty it.
+
+    Deleting them in place is not safe against a power cut: a journaling file system may commit
+    some of the deletions and not others, and recovery would then join the survivors into a
+    shorter MP4 over the good one. Once renamed, the directory no longer counts as segments
+    (`finalise_segments` reuses the MP4); a cut before the rename is durable leaves every segment.
+    """
+    _remove_retired(spec)
+    try:
+        os.replace(spec.segment_dir, _retired_dir(spec))
+    except OSError as exc:  # e.g. a retired directory that could not be emptied: keep everything
+        log.warning("%s: segments kept in %s: %s", spec.task_id, spec.segment_dir, exc)
+        return
+    if durable.try_fsync_dir(spec.segment_dir.parent):  # else a cut could still bring all of them back
+        _remove_retired(spec)
+
+
+def _remove_retired(spec: RecordingSpec) -> None:
+    """Empty and remove the retired segment directory, if any (only the files the agent wrote there)."""
+    retired = _retired_dir(spec)
+    if not retired.is_dir():
+        return
+    for seg in _segments(retired):
+        seg.unlink()
     with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        (retired / "concat.txt").unlink()
+    with contextlib.suppress(OSError):
+        retired.rmdir()
+        durable.try_fsync_dir(retired.parent)  # or a cut brings the directory back, a leak nobody removes

@@ -10,6 +10,7 @@ APT_PACKAGES=(
   python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-rtsp
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly
   systemd   # systemd-analyze verify of deploy/systemd/edge-agent.service (tests/test_deploy.py)
+  fuse3     # fusermount3 + libfuse3 for the power-cut file system (tests/powercutfs.py)
 )
 # Node.js/npm only for the Node-RED integration test (scripts/install-node-red.sh); keep a newer one if present.
 command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(nodejs npm)
