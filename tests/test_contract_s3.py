@@ -149,3 +149,19 @@ def test_sweep_aborts_only_uploads_not_kept(s3: Any, bucket: str) -> None:
     assert store.sweep("dev/", {"dev/cam1/keep.mp4"}) == 1
     left = sorted(u.object_name for u in client._list_multipart_uploads(bucket, prefix="").uploads)
     assert left == ["dev/cam1/keep.mp4", "other/cam1/x.mp4"]
+
+
+def test_a_stored_object_whose_local_file_is_gone_counts_as_uploaded(s3: Any, bucket: str, tmp_path: Path) -> None:
+    """A cut after the upload and the local delete but before the journal said `uploaded`."""
+    store = make_store(s3, bucket)
+    path, sha = make_file(tmp_path, 1000)
+    key = "dev/cam1/gone.mp4"
+    job = job_for(path, sha, key)
+    store.put(job, threading.Event(), UploadState(), lambda st: None)
+    path.unlink()
+    state = UploadState()
+    store.put(job, threading.Event(), state, lambda st: None)  # no FileNotFoundError
+    assert state.bytes_uploaded == 1000
+    other = UploadJob(0.0, 0, "cam1/t", path, key, "0" * 64, 1000)  # another recording at that key: refused
+    with pytest.raises(FileNotFoundError):
+        store.put(other, threading.Event(), UploadState(), lambda st: None)
