@@ -312,13 +312,14 @@ class Agent:
         match event:
             case CommandReceived():
                 self._on_command(event)
-            case Connected(session_present=present):
-                # Task topics too after a restart, a broker that lost our session, or QoS 0 (whose
-                # publishes made offline were dropped); otherwise paho delivers the QoS 1 updates
-                # queued while offline, and a fleet reconnecting at once sends C messages each, not C x R.
-                full = not self._connected_once or not present or self.cfg.mqtt.qos == 0
+            case Connected():
+                # Every retained topic from live state, task topics included, after every connect:
+                # a broker that crashed loses the retained updates it acknowledged since its last
+                # save (Mosquitto's autosave_interval, 1800 s by default) even when our session
+                # survived, and paho re-sends nothing it already had acknowledged (found by the chaos
+                # test: a task's topic stuck at `recording` after it had ended `uploaded`).
                 self._connected_once = True
-                self._republish_all(tasks=full)
+                self._republish_all(tasks=True)
                 self._publish_discovery()
                 if self.cfg.telemetry_seconds > 0:
                     self._publish_telemetry()

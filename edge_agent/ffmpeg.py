@@ -86,6 +86,11 @@ class StreamInfo:
     height: int
 
     @property
+    def complete(self) -> bool:
+        """Everything the copy/transcode decision needs was read (not a probe cut short)."""
+        return bool(self.codec and self.pix_fmt and self.width > 0 and self.height > 0)
+
+    @property
     def browser_compatible(self) -> bool:
         return (
             self.codec == "h264"

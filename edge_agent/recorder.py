@@ -420,6 +420,11 @@ def probe_camera(
     if info is None:
         tail = out.stderr.strip().splitlines()[-3:]
         raise RecordingError("camera probe failed: " + (" | ".join(tail) or "no video stream"))
+    if not info.complete:
+        # A probe cut short (camera going down) reports the codec without pixel format or size;
+        # deciding on that would transcode an H.264 camera for good (the result is cached).
+        raise RecordingError(f"camera probe incomplete: {info.codec or '?'} {info.pix_fmt or '?'} "
+                             f"{info.width}x{info.height}")  # fmt: skip
     mode: Literal["copy", "transcode"] = "copy" if info.browser_compatible else "transcode"
     return Probed(camera_id, mode, f"{info.codec} {info.pix_fmt} {info.width}x{info.height}")
 

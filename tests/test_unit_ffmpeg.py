@@ -244,3 +244,10 @@ def test_parse_segment_line() -> None:
     assert ffmpeg.parse_segment_line("seg_000003.ts,6.000000,8.500000\n") == ("seg_000003.ts", 2.5)
     assert ffmpeg.parse_segment_line("garbage") is None
     assert ffmpeg.parse_segment_line("a.ts,x,y") is None
+
+
+def test_a_probe_cut_short_is_not_complete() -> None:
+    cut = ffmpeg.parse_probe('{"streams":[{"codec_name":"h264","width":0,"height":0}]}')
+    assert cut is not None and not cut.complete
+    full = ffmpeg.parse_probe('{"streams":[{"codec_name":"h264","pix_fmt":"yuv420p","width":1280,"height":720}]}')
+    assert full is not None and full.complete and full.browser_compatible
