@@ -265,7 +265,7 @@ class Agent:
                              error="upload abandoned: storage.type is now local; the file is kept on disk")
                 continue
             self._tasks[task.task_id] = task
-            self._queue_upload(task)
+            self._queue_upload(task, resuming=True)
         if self._uploads is not None:
             if self._journal.setting("uploads_paused") == "1":
                 log.warning("uploads are paused (pause_uploads); send resume_uploads to continue")
@@ -676,10 +676,14 @@ class Agent:
         if self._stopping:
             self._release(task)
 
-    def _queue_upload(self, task: Task) -> None:
+    def _queue_upload(self, task: Task, resuming: bool = False) -> None:
         assert self._uploads is not None
         path = Path(task.local_file)
-        if not path.exists() or task.sha256 is None or task.size_bytes is None or task.object_name is None:
+        # When resuming after a restart a missing file is still submitted: a crash between the upload
+        # (which deletes the local copy) and the journal saying `uploaded` leaves exactly that, and
+        # the store then finds the object stored with this size and sha256 (else: failed, with why).
+        missing = not path.exists() and not resuming
+        if missing or task.sha256 is None or task.size_bytes is None or task.object_name is None:
             self._tasks.pop(task.task_id, None)
             self._update(task, status=Status.FAILED, error=f"local file {path.name} is missing; nothing to upload")
             self._release(task)

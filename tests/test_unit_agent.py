@@ -580,6 +580,19 @@ def test_recover_resumes_pending_uploads_with_attempts(build: Callable[..., Harn
     assert job["attempts_before"] == 7 and job["object_name"] == old.object_name and job["path"] == path
 
 
+def test_recover_submits_an_upload_whose_local_file_is_gone(build: Callable[..., Harness], tmp_path: Path) -> None:
+    """Killed after the upload deleted the local copy but before `uploaded` was journaled: the store
+    decides (the object is there with this size and sha256, or the upload fails saying why)."""
+    first = build(MINIO)
+    old = _journal_task(first, "up", "uploading", local_file=str(tmp_path / "deleted.mp4"), sha256="cd" * 32,
+                        size_bytes=10)  # fmt: skip
+    h = build(MINIO)
+    h.agent.recover()
+    assert [j["task_id"] for j in h.uploads.submitted] == [old.task_id]
+    doc = h.pub.retained(h.task_topic("up"))
+    assert doc is None or doc["status"] != "failed"
+
+
 def test_recover_with_storage_now_local_keeps_file_and_completes(build: Callable[..., Harness], tmp_path: Path) -> None:
     first = build(MINIO)
     path = tmp_path / "kept.mp4"
