@@ -589,8 +589,8 @@ def test_recover_submits_an_upload_whose_local_file_is_gone(build: Callable[...,
     h = build(MINIO)
     h.agent.recover()
     assert [j["task_id"] for j in h.uploads.submitted] == [old.task_id]
-    doc = h.pub.retained(h.task_topic("up"))
-    assert doc is None or doc["status"] != "failed"
+    journaled = h.journal.find("cam1", "up")
+    assert journaled is not None and journaled.status == "uploading"
 
 
 def test_recover_with_storage_now_local_keeps_file_and_completes(build: Callable[..., Harness], tmp_path: Path) -> None:
