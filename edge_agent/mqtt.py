@@ -267,6 +267,7 @@ class MqttLink:
         self._broker_max_packet: int | None = None
         self._connected_at = time.monotonic()
         self._strikes: dict[int, int] = {}  # mid -> quick disconnects while it was the oldest in flight
+        self._got_connack = False  # this connection was accepted (CONNACK), whatever happened after
         # A 3.1.1 broker cannot announce its packet limit: learnt from a dropped message that was
         # bigger than anything the broker ever acknowledged.
         self._learned_max_packet: int | None = None
@@ -429,6 +430,11 @@ class MqttLink:
                 hint = " (check mqtt.username and mqtt.password, or the broker's ACL)"
             self._connect_failed(logging.ERROR, f"broker {host}:{port} refused the connection: {reason_code}{hint}")
             return  # paho disconnects; _on_disconnect moves on to the next cluster node
+        # Set first: the broker may drop us again while this callback is still subscribing and
+        # publishing (paho then calls on_disconnect from inside it, before `_connected` is set), and
+        # that disconnect must still count against a poison message re-sent right after CONNACK.
+        self._got_connack = True
+        self._connected_at = time.monotonic()
         log.info("connected to %s:%s (session present: %s)", client.host, client.port, flags.session_present)
         client.subscribe(self._topics.command_filter, qos=1)
         for topic in sorted(self._extra):
@@ -458,9 +464,11 @@ class MqttLink:
         # Lost an established connection, or closed before CONNACK: either way the next attempt
         # goes to the next cluster node.
         self._next_endpoint()
+        got_connack, self._got_connack = self._got_connack, False
         if was:
             self._failed_attempts = 0
             self._failure_causes.clear()
+        if got_connack:
             self._check_poison(reason_code)
         self._jitter_reconnect()
         if was:
@@ -546,7 +554,15 @@ class MqttLink:
         the broker's v5 DISCONNECT says we sent something wrong, or when it was in flight at
         `POISON_STRIKES` disconnects in a row that each came within `QUICK_SECONDS` of connecting.
         """
+        # paho's own queue is the truth: the agent thread records a mid only after paho's publish()
+        # returned, and the broker can drop us before that (then the message would miss a strike).
         outstanding = self._outbox.outstanding()
+        client = self._client
+        with client._out_message_mutex:
+            for mid, msg in client._out_messages.items():
+                if mid not in outstanding:
+                    size = len(msg._topic) + len(msg.payload) + 16
+                    outstanding[mid] = (msg._topic.decode("utf-8", "replace"), msg.timestamp, size)
         lived = time.monotonic() - self._connected_at
         blamed = reason_code.value in INPUT_REASONS and reason_code.packetType == PacketTypes.DISCONNECT
         if not outstanding or (lived > QUICK_SECONDS and not blamed):
@@ -560,7 +576,6 @@ class MqttLink:
         mid = min(struck, key=lambda m: outstanding[m][1])  # the oldest of them
         topic, _, size = outstanding[mid]
         strikes = self._strikes.pop(mid)
-        client = self._client
         client.drop_before_reconnect = (client.drop_before_reconnect or set()) | {mid}
         self._outbox.forget(mid)
         if size > self._outbox.max_acked:
