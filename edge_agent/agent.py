@@ -397,14 +397,15 @@ class Agent:
         bucket = self._buckets.get(camera if camera in self.cfg.cameras else "")
         if bucket is None:  # unknown cameras share one bucket: random camera ids buy no extra rate
             bucket = self._buckets[camera if camera in self.cfg.cameras else ""] = self._new_bucket()
-        if not bucket.take():
-            if names.topic_problem(self.topics.reply(camera)):
-                self._counters["commands_unanswered"] += 1
-                return
+        limited = not bucket.take()
+        if names.topic_problem(self.topics.reply(camera)):  # e.g. a camera level too long to answer on
+            self._counters["commands_unanswered"] += 1
+            return
+        if limited:
             self._on_rate_limited(camera, bucket, ev)
             return
         decoded = decode_command(ev.payload, self.cfg.mqtt.max_payload_bytes)
-        rid = decoded.command.request_id if decoded.command is not None else decoded.request_id
+        rid = decoded.request_id  # set whenever one could be read, valid command or not
         if ev.response_topic is not None:
             problem = self._response_topic_problem(ev)
             if problem:
@@ -414,9 +415,6 @@ class Agent:
                 self._send_reply(camera, doc, False, rid, ev, respond=False)
                 return
         if camera not in self.cfg.cameras:
-            if names.topic_problem(self.topics.reply(camera)):  # e.g. a camera level too long to answer on
-                self._counters["commands_unanswered"] += 1
-                return
             doc = {"status": "error", "camera_id": camera, "error": f"camera {camera!r} is not configured"}
             self._send_reply(camera, doc, False, rid, ev)
             return
@@ -464,7 +462,7 @@ class Agent:
                "retry_after_seconds": round(max(bucket.seconds_to_next(), 0.001), 3)}  # fmt: skip
         # Decoded only for its request_id (size-capped), so the sender can match the refusal.
         decoded = decode_command(ev.payload, self.cfg.mqtt.max_payload_bytes)
-        rid = decoded.command.request_id if decoded.command is not None else decoded.request_id
+        rid = decoded.request_id  # set whenever one could be read, valid command or not
         self._send_reply(camera, doc, False, rid, ev, respond=self._response_topic_problem(ev) is None)
 
     def _response_topic_problem(self, ev: CommandReceived) -> str | None:
