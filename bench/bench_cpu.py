@@ -10,11 +10,11 @@ stopped in an order that rotates between rounds:
     including the faststart rewrite at exit. The floor users compare the agent with.
 (b) agent: N ``start`` commands, ``stop`` after the clip, until every camera's final status
     (``completed`` with the default local storage, ``uploaded`` with ``--storage s3``), then until
-    the agent has no child left: the camera probe (``video: auto``), FFmpeg's MPEG-TS segments, the
-    join, faststart, file probe, sha256, fsync (and the upload), and the agent's Python meanwhile.
+    the agent has no child left: the camera probe (``video: auto``), FFmpeg's fragmented-MP4
+    segments, the copying join with its sha256, fsync (and the upload), and the agent's Python meanwhile.
 (c) own argv: the agent's FFmpeg work without the agent: ``probe_argv``, ``record_argv`` (the
-    agent's form, default settings), then ``concat_argv`` and ``file_probe_argv``. b/c isolates the
-    Python (progress parsing, MQTT, journal, sha256, fsync); b/a is the headline.
+    agent's form, default settings), then the agent's copying join (``fmp4.join``). b/c isolates the
+    Python (progress parsing, MQTT, journal, fsync); b/a is the headline.
 
 CPU is the whole process tree's utime+stime. The agent's: deltas of /proc/<agent>/stat utime+stime
 and cutime+cstime (its FFmpeg children, reaped by the agent, land there whole) plus any descendant
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import resource
 import shutil
 import signal
 import statistics
@@ -63,6 +64,7 @@ from _common import (
 from parts import AgentProcess, CameraSim, Mosquitto, MqttProbe, SeaweedS3
 
 from edge_agent import ffmpeg as ff
+from edge_agent import fmp4
 from edge_agent.config import CameraConfig, RecordingConfig
 
 DEVICE = "edge-bench"
@@ -105,7 +107,8 @@ class OwnArgv(threading.Thread):
     """(c) for one camera: the agent's FFmpeg work in the agent's order, without the agent.
 
     Probe the camera (``video: auto`` does), record with ``record_argv`` until ``stop`` is set, send
-    ``q`` as the recorder does, then join the segments with ``concat_argv`` and probe the MP4.
+    ``q`` as the recorder does, then join the segments as the agent does (``fmp4.join``, on this
+    thread: its CPU is this thread's rusage; it hashes as it copies).
     """
 
     def __init__(self, url: str, work: Path, stop: threading.Event) -> None:
@@ -144,15 +147,13 @@ class OwnArgv(threading.Thread):
             self.record_ticks_at_stop = st.get(self.record.pid)
             self.record.quit()
             self.cpu["record"] = self.record.reap(rec_cfg.stop_timeout_seconds)
-            segments = [s for s in sorted(segdir.glob(ff.SEGMENT_GLOB)) if s.stat().st_size > 0]
-            listing = segdir / "concat.txt"
-            listing.write_text(ff.concat_list(segments), encoding="utf-8")
-            out = self.work / "own.mp4"
-            _, self.cpu["join"], _ = run_child(ff.concat_argv(ffmpeg_bin, listing, out), logs / "join.log", 300)
-            _, self.cpu["file_probe"], text = run_child(ff.file_probe_argv(ffprobe, out), logs / "fprobe.log",
-                                                        rec_cfg.probe_timeout_seconds)  # fmt: skip
-            info = ff.parse_file_probe(text)
-            self.duration = info.duration if info else 0.0
+            segments = sorted((s for s in segdir.glob(ff.SEGMENT_GLOB) if ff.is_segment(s) and s.stat().st_size),
+                              key=ff.segment_number)  # fmt: skip
+            before = resource.getrusage(resource.RUSAGE_THREAD)
+            joined = fmp4.join(segments, self.work / "own.mp4")
+            after = resource.getrusage(resource.RUSAGE_THREAD)
+            self.cpu["join"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+            self.duration = joined.seconds
         except Exception as exc:
             self.error = repr(exc)
         finally:
@@ -520,7 +521,7 @@ def main() -> None:
         "agent_config": agent_config,
         "sides": {"plain": " ".join(plain_argv("URL", Path("out.mp4"))),
                   "agent": "the agent process, default settings, whole task start -> final status",
-                  "own": "edge_agent.ffmpeg probe_argv + record_argv + concat_argv + file_probe_argv"},
+                  "own": "edge_agent.ffmpeg probe_argv + record_argv, then edge_agent.fmp4.join"},
         "facts": run_facts(load_before), "elapsed_s": elapsed,
         "rounds": rounds, "per_n": per_n, "old_service": old,
     }, args.results_dir)  # fmt: skip

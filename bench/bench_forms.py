@@ -70,7 +70,8 @@ from edge_agent.config import RecordingConfig
 FPS = 25
 PATTERN = "smpte horizontal-speed=4"
 FMP4_OPTIONS = "movflags=+frag_keyframe+empty_moov+default_base_moof"
-FORMS = ("current", "stats2", "noflush", "fmp4", "seg10", "fmp4-stats2", "plain")
+FORMS = ("current", "stats2", "noflush", "fmp4", "seg10", "fmp4-stats2", "hls", "hls-stats2", "hls-gop", "plain")
+HLS_INIT = "init.mp4"
 
 
 def _set_option(argv: list[str], flag: str, value: str) -> list[str]:
@@ -91,6 +92,13 @@ def form_argv(form: str, url: str, out: Path) -> list[str]:
                 str(out / "out.mp4")]  # fmt: skip
     cfg = RecordingConfig()
     stats = 2.0 if "stats2" in form else cfg.stats_period_seconds
+    if form.startswith("hls"):  # fragmented-MP4 segments of one mov muxer: joined by concatenating bytes
+        return [ffmpeg_bin, "-hide_banner", "-loglevel", "error", "-nostats", "-progress", "pipe:1",
+                "-stats_period", f"{stats:g}", "-rtsp_transport", "tcp", "-i", url, "-map", "0:v:0", "-an",
+                "-c:v", "copy", "-f", "hls", "-hls_time", str(cfg.segment_seconds), "-hls_list_size", "0",
+                "-hls_segment_type", "fmp4", "-hls_fmp4_init_filename", HLS_INIT,
+                *(["-hls_segment_options", "movflags=+frag_keyframe"] if form == "hls-gop" else []),
+                "-hls_segment_filename", str(out / "seg_%06d.m4s"), str(out / "index.m3u8")]  # fmt: skip
     seconds = 10 if form == "seg10" else cfg.segment_seconds
     argv = ff.record_argv(
         ffmpeg_bin, url, out, mode="copy", segment_seconds=seconds, analyzeduration_us=cfg.analyzeduration_us,
@@ -108,7 +116,26 @@ def form_argv(form: str, url: str, out: Path) -> list[str]:
 def media_files(form: str, out: Path) -> list[Path]:
     if form == "plain":
         return [out / "out.mp4"] if (out / "out.mp4").exists() else []
+    if form.startswith("hls"):
+        init = out / HLS_INIT
+        return ([init] if init.exists() else []) + sorted(out.glob("seg_*.m4s"))
     return sorted(p for p in out.glob("seg_*") if p.suffix in (".ts", ".mp4"))
+
+
+def cat_join(files: list[Path], joined: Path) -> float:
+    """Join fragmented-MP4 segments as the agent would: copy the bytes once, hashing them. Thread CPU-s."""
+    import hashlib
+    import resource
+
+    t0 = resource.getrusage(resource.RUSAGE_THREAD)
+    digest = hashlib.sha256()
+    with joined.open("wb") as dst:
+        for f in files:
+            data = f.read_bytes()
+            digest.update(data)
+            dst.write(data)
+    t1 = resource.getrusage(resource.RUSAGE_THREAD)
+    return (t1.ru_utime - t0.ru_utime) + (t1.ru_stime - t0.ru_stime)
 
 
 def count_packets(path: Path) -> int | None:
@@ -234,6 +261,9 @@ def run_round(forms: list[str], copies: int, url: str, work: Path, window: float
             res["files"] = len(files)
             if id(r) in kills:
                 k = kills[id(r)]
+                if r.form.startswith("hls") and files:  # .m4s files read only behind their init segment
+                    cat_join(files, r.out / "joined.mp4")
+                    files = [r.out / "joined.mp4"]
                 counts = [count_packets(p) for p in files]
                 on_disk = sum(x or 0 for x in counts)
                 res.update(kind="killed", **k, unreadable_files=sum(1 for x in counts if x is None),
@@ -262,6 +292,11 @@ def join_form(r: Recorder, work: Path) -> dict[str, Any]:
     if r.form == "plain":  # already one faststart MP4: nothing to join
         n = count_packets(files[0]) if files else None
         return {"join_cpu_s": 0.0, "joined_s": (n or 0) / FPS}
+    if r.form.startswith("hls"):
+        joined = r.out / "joined.mp4"
+        cpu = cat_join(files, joined)
+        n = count_packets(joined)
+        return {"join_cpu_s": cpu, "join_exit_code": 0 if n else 1, "joined_s": (n or 0) / FPS}
     listing = r.out / "concat.txt"
     listing.write_text(ff.concat_list([f for f in files if f.stat().st_size > 0]), encoding="utf-8")
     joined = r.out / "joined.mp4"

@@ -19,8 +19,16 @@ from edge_agent.redact import redact
 
 __all__ = ["redact"]  # kept here for callers that redact FFmpeg output
 
-SEGMENT_PATTERN = "seg_%06d.ts"
-SEGMENT_GLOB = "seg_*.ts"
+SEGMENT_PATTERN = "seg_%06d.mp4"
+SEGMENT_GLOB = "seg_*"
+# .mp4: fragmented MP4, joined by copying fragments (edge_agent.fmp4); .ts: MPEG-TS segments that
+# agents before the fragmented form left on disk, still recovered (FFmpeg's concat).
+SEGMENT_SUFFIXES = (".mp4", ".ts")
+# Fragmented MP4: an empty moov first, then a fragment at every keyframe and at least every second,
+# each flushed to the file as it is written, so a SIGKILL loses at most the fragment in progress.
+# Fragments carry their sample offsets from their own moof (default_base_moof), so the join can move
+# them between files unchanged.
+FRAGMENTED_MP4_OPTIONS = "movflags=+frag_keyframe+empty_moov+default_base_moof:frag_duration=1000000:flush_packets=1"
 # pix_fmts that every browser's H.264 decoder plays (yuvj420p is full-range yuv420p).
 BROWSER_PIX_FMTS = frozenset({"yuv420p", "yuvj420p"})
 
@@ -134,10 +142,11 @@ def record_argv(
     stats_period_s: float = 0.5,
     segment_list_fd: int | None = None,
 ) -> list[str]:
-    """Record a camera into MPEG-TS segments: a kill loses at most the segment being written.
+    """Record a camera into fragmented-MP4 segments: a kill loses at most the fragment being written.
 
     `-progress pipe:1` gives machine-readable `frame=` lines on stdout, the signal that media is
-    really arriving. MPEG-TS needs no index, so every closed segment is playable on its own. With
+    really arriving. Every fragment is complete on disk once written, and the segments join into one
+    MP4 by copying their fragments (`edge_agent.fmp4`): no second FFmpeg at stop. With
     `segment_list_fd`, FFmpeg writes one CSV line `name,start,end` to that fd as each segment closes.
     """
     seg_list = (
@@ -159,10 +168,8 @@ def record_argv(
         "-analyzeduration", str(analyzeduration_us), "-probesize", str(probesize),
         "-i", url,
         "-map", "0:v:0", "-an", "-sn", "-dn", *video,
-        "-f", "segment", "-segment_time", str(segment_seconds), "-segment_format", "mpegts",
-        # Write each packet through to the file: a SIGKILL or power cut then loses well under a
-        # second, not FFmpeg's unflushed buffer (measured: 0 bytes on disk 3 s into a segment without it).
-        "-segment_format_options", "flush_packets=1",
+        "-f", "segment", "-segment_time", str(segment_seconds), "-segment_format", "mp4",
+        "-segment_format_options", FRAGMENTED_MP4_OPTIONS,
         "-segment_start_number", str(start_number), "-reset_timestamps", "0", *seg_list,
         str(segment_dir / SEGMENT_PATTERN),
     ]  # fmt: skip
@@ -186,8 +193,22 @@ def concat_list(segments: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def is_segment(path: Path) -> bool:
+    """A segment file the recorder wrote (`seg_<number>.mp4`, or `.ts` from older agents)."""
+    stem, _, number = path.stem.partition("_")
+    return stem == "seg" and number.isdigit() and path.suffix in SEGMENT_SUFFIXES
+
+
+def segment_number(path: Path) -> int:
+    return int(path.stem.partition("_")[2])
+
+
 def concat_argv(ffmpeg: str, list_file: Path, output: Path) -> list[str]:
-    """Join segments into one browser-ready MP4 (stream copy, `moov` at the front)."""
+    """Join segments into one browser-ready MP4 with FFmpeg (stream copy, `moov` at the front).
+
+    The fallback for segments the copying join cannot take (MPEG-TS from older agents, a stream
+    whose parameters changed between segments).
+    """
     return [
         ffmpeg, "-hide_banner", "-loglevel", "error", "-nostdin", "-y",
         "-f", "concat", "-safe", "0", "-i", str(list_file),
@@ -237,7 +258,7 @@ def last_frame_count(progress: bytes) -> int | None:
 
 
 def parse_segment_line(line: str) -> tuple[str, float] | None:
-    """`seg_000003.ts,6.000000,8.000000` -> ("seg_000003.ts", 2.0); None for anything else."""
+    """`seg_000003.mp4,6.000000,8.000000` -> ("seg_000003.mp4", 2.0); None for anything else."""
     parts = line.strip().rsplit(",", 2)
     if len(parts) != 3:
         return None

@@ -6,8 +6,9 @@ reports through `post(event)`, which only enqueues. Lifecycle of each FFmpeg run
     spawn (own session) -> read -progress / drain stderr -> [stop: 'q' on stdin, bounded wait,
     SIGKILL] -> reap -> restart with backoff while the task is active (watchdog) or finalise.
 
-Finalising joins the MPEG-TS segments into a `+faststart` MP4 with stream copy. Segments that
-cannot be read are moved to `rejected/` beside them and reported, never deleted.
+Finalising joins the fragmented-MP4 segments into one MP4 by copying their fragments
+(`edge_agent.fmp4`; FFmpeg's concat only for segments it cannot take). Segments that cannot be
+read are moved to `rejected/` beside them and reported, never deleted.
 
 Power cuts: FFmpeg never fsyncs, so the recorder makes each segment durable (file and directory,
 see `edge_agent.durable`) as FFmpeg reports it closed, and any segment a killed FFmpeg left
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal
 
-from edge_agent import durable, ffmpeg
+from edge_agent import durable, ffmpeg, fmp4
 from edge_agent.errors import RecordingError
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ class Recorder(threading.Thread):
             if self._finalise_only:
                 orphans = kill_orphans(self.spec.segment_dir)
                 if orphans:
-                    log.warning("%s: killed orphaned FFmpeg %s still recording", self.spec.task_id, orphans)
+                    log.warning("%s: stopped orphaned FFmpeg %s still recording", self.spec.task_id, orphans)
                     time.sleep(0.5)  # let the kernel close its files before the segments are read
                 # What the dead agent's FFmpeg wrote may still be only in the page cache (a kill -9
                 # is not a power cut): make it durable before a cut during this recovery loses it.
@@ -224,8 +225,8 @@ class Recorder(threading.Thread):
         return self._stop_requested.wait(seconds)
 
     def _next_segment_number(self) -> int:
-        numbers = [int(p.stem.split("_")[1]) for p in self.spec.segment_dir.glob(ffmpeg.SEGMENT_GLOB)]
-        return max(numbers) + 1 if numbers else 0
+        segments = _segments(self.spec.segment_dir)
+        return ffmpeg.segment_number(segments[-1]) + 1 if segments else 0
 
     def _run_ffmpeg(self, mode: Literal["copy", "transcode"], task_started: float) -> str:
         """One FFmpeg run. Returns 'stopped' after a requested stop, else why it ended."""
@@ -429,14 +430,16 @@ def probe_camera(
     return Probed(camera_id, mode, f"{info.codec} {info.pix_fmt} {info.width}x{info.height}")
 
 
-def kill_orphans(segment_dir: Path) -> list[int]:
-    """SIGKILL FFmpeg processes left writing into `segment_dir` by an agent that died (Linux /proc).
+def kill_orphans(segment_dir: Path, grace: float = 3.0) -> list[int]:
+    """Stop FFmpeg processes left writing into `segment_dir` by an agent that died (Linux /proc).
 
     FFmpeg ignores SIGPIPE and EOF on stdin, so an orphan would record forever while recovery joins
-    its segments. Matching on the segment path in argv is safe against PID reuse.
+    its segments. SIGTERM first: FFmpeg then writes its last fragment and closes the segment, so the
+    agent's death costs no media; SIGKILL after `grace` seconds. Matching on the segment path in
+    argv is safe against PID reuse.
     """
     needle = str(segment_dir / ffmpeg.SEGMENT_PATTERN).encode()
-    killed = []
+    found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -446,15 +449,32 @@ def kill_orphans(segment_dir: Path) -> list[int]:
             continue
         if needle in argv:
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(int(entry.name), signal.SIGKILL)
-                killed.append(int(entry.name))
-    return killed
+                os.kill(int(entry.name), signal.SIGTERM)
+                found.append(int(entry.name))
+    deadline = time.monotonic() + grace
+    alive = list(found)
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        alive = [pid for pid in alive if _running(pid)]
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    return found
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie waiting to be reaped by its new parent."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def _segments(segment_dir: Path) -> list[Path]:
     return sorted(
-        (p for p in segment_dir.glob(ffmpeg.SEGMENT_GLOB) if p.is_file()),
-        key=lambda p: int(p.stem.split("_")[1]),
+        (p for p in segment_dir.glob(ffmpeg.SEGMENT_GLOB) if ffmpeg.is_segment(p) and p.is_file()),
+        key=ffmpeg.segment_number,
     )
 
 
@@ -534,10 +554,9 @@ def finalise_segments(
     """Join a task's segments into its final MP4. Idempotent: a finished output is reused.
 
     `known_seconds` (segment name -> seconds, as FFmpeg reported them while recording) lets the
-    joined file be checked against what was recorded without probing every segment. Without it
-    (crash recovery), or when the join comes out short — the concat demuxer stops quietly at a
-    damaged segment — every segment is probed, unreadable ones are set aside, and the rest joined.
-    Segments are deleted only once the MP4 holds what they held.
+    joined file be checked against what was recorded: segments are deleted only once the MP4 holds
+    what they held. Fragmented-MP4 segments are joined by copying their fragments; MPEG-TS segments
+    of older agents, and segments whose stream changed, go through FFmpeg's concat.
     """
     out = spec.output_file
     if out.exists() and not spec.segment_dir.exists():
@@ -550,6 +569,44 @@ def finalise_segments(
         return RecordingFailed(spec.task_id, "no media was recorded (no non-empty segments on disk)")
     durable.make_dirs(out.parent)
     part = out.with_name(out.name + ".part")
+    if all(s.suffix == ".mp4" for s in segments):
+        try:
+            return _join_fragments(spec, segments, part, known_seconds)
+        except fmp4.Incompatible as exc:
+            log.warning("%s: %s; joining with FFmpeg instead", spec.task_id, exc)
+    return _join_with_ffmpeg(spec, segments, part, known_seconds)
+
+
+def _join_fragments(
+    spec: RecordingSpec, segments: list[Path], part: Path, known_seconds: dict[str, float] | None
+) -> RecordingFinished | RecordingFailed:
+    """The copying join (`edge_agent.fmp4`): every complete fragment of every segment, in order."""
+    try:
+        joined = fmp4.join(segments, part)
+    except fmp4.Incompatible:
+        raise
+    except fmp4.Mp4Error as exc:
+        _set_aside(spec, [s.name for s in segments])
+        return RecordingFailed(spec.task_id, f"joining segments failed: {exc} ({len(segments)} set aside)")
+    except OSError as exc:  # a full or failing disk: the segments stay for the next try
+        return RecordingFailed(spec.task_id, f"joining segments failed: {exc.strerror or exc}; "
+                                             f"segments kept in {spec.segment_dir}")  # fmt: skip
+    for name, why in joined.damaged:
+        log.warning("%s: %s: %s", spec.task_id, name, why)
+    if joined.unusable:
+        _set_aside(spec, list(joined.unusable))
+    expected = None if known_seconds is None else sum(known_seconds.get(s.name, 0.0) for s in segments)
+    return _commit(spec, part, joined.seconds, joined.sha256, joined.unusable, expected)
+
+
+def _join_with_ffmpeg(
+    spec: RecordingSpec, segments: list[Path], part: Path, known_seconds: dict[str, float] | None
+) -> RecordingFinished | RecordingFailed:
+    """FFmpeg's concat, probing each segment first in recovery or when the join comes out short.
+
+    The concat demuxer stops quietly at a damaged segment, so a short join is screened segment by
+    segment: unreadable ones are set aside and the rest joined again.
+    """
     rejected: list[str] = []
     screened = known_seconds is None
     if known_seconds is None:
@@ -572,20 +629,30 @@ def finalise_segments(
     if error is not None or info is None or info.duration <= 0:
         detail = ffmpeg.redact(error or "the joined MP4 has no readable video stream", spec.secrets)
         return RecordingFailed(spec.task_id, f"joining segments failed: {detail} ({len(rejected)} set aside)")
-    digest = sha256_file(part)
+    return _commit(spec, part, info.duration, sha256_file(part), tuple(rejected), expected)
+
+
+def _commit(
+    spec: RecordingSpec, part: Path, seconds: float, digest: str, rejected: tuple[str, ...] | list[str],
+    expected: float | None,
+) -> RecordingFinished:
+    """Make the joined file durable under its final name, then retire the segments it holds.
+
+    `expected`: seconds the segments were reported to hold (None in recovery); when the MP4 holds
+    less, the segments are kept as evidence rather than deleted.
+    """
+    out = spec.output_file
     with part.open("rb") as f:
-        os.fsync(f.fileno())  # FFmpeg does not fsync: make the file durable before the rename
+        os.fsync(f.fileno())  # nobody fsyncs it before us: make the file durable before the rename
     os.replace(part, out)
     if not durable.try_fsync_dir(out.parent):
         log.warning("%s: segments kept in %s: the MP4 may not be durable", spec.task_id, spec.segment_dir)
-    elif info.duration >= expected - tolerance:
+    elif expected is None or seconds >= expected - max(1.0, 0.02 * expected):
         _retire_segments(spec)
     else:  # keep the evidence rather than delete media the MP4 may not hold
         log.warning("%s: MP4 has %.1f s of %.1f s recorded; segments kept in %s",
-                    spec.task_id, info.duration, expected, spec.segment_dir)  # fmt: skip
-    return RecordingFinished(
-        spec.task_id, out, out.stat().st_size, round(info.duration, 3), digest, tuple(rejected)
-    )
+                    spec.task_id, seconds, expected, spec.segment_dir)  # fmt: skip
+    return RecordingFinished(spec.task_id, out, out.stat().st_size, round(seconds, 3), digest, tuple(rejected))
 
 
 def _retired_dir(spec: RecordingSpec) -> Path:

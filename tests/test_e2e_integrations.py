@@ -87,7 +87,7 @@ def test_home_assistant_discovery_buttons_events_telemetry(
     assert kinds[0] == "started" and kinds[-2:] == ["stopped", "completed"], kinds
     segments = [e for e in events if e["event"] == "segment"]
     assert kinds[1:-2] == ["segment"] * len(segments) and len(segments) >= 2
-    assert all(e["path"].endswith(".ts") and e["seconds"] > 0 for e in segments)
+    assert all(e["path"].endswith(".mp4") and e["seconds"] > 0 for e in segments)
     assert abs(sum(e["seconds"] for e in segments) - info["duration"]) < 1.0
     events = [e for e in events if e["event"] != "segment"]
     assert all(m.retain is False for m in probe.raw(events_topic))

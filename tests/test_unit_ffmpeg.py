@@ -35,10 +35,21 @@ def test_copy_mode_argv() -> None:
     assert opt(argv, "-segment_time") == "6"
     assert opt(argv, "-segment_start_number") == "7"
     assert opt(argv, "-f") == "segment"
-    assert opt(argv, "-segment_format") == "mpegts"
+    assert opt(argv, "-segment_format") == "mp4"
+    # Fragmented, self-contained fragments (movable by the copying join), flushed as written.
+    fmt_options = dict(kv.split("=", 1) for kv in opt(argv, "-segment_format_options").split(":"))
+    assert set(fmt_options["movflags"].split("+")) >= {"", "frag_keyframe", "empty_moov", "default_base_moof"}
+    assert fmt_options["flush_packets"] == "1" and int(fmt_options["frag_duration"]) <= 1_000_000
     assert opt(argv, "-progress") == "pipe:1"
-    assert argv[-1] == str(SEG_DIR / ffmpeg.SEGMENT_PATTERN)
+    assert argv[-1] == str(SEG_DIR / ffmpeg.SEGMENT_PATTERN) and argv[-1].endswith(".mp4")
     assert "-an" in argv
+
+
+def test_segment_names() -> None:
+    assert ffmpeg.is_segment(Path("seg_000012.mp4")) and ffmpeg.segment_number(Path("seg_000012.mp4")) == 12
+    assert ffmpeg.is_segment(Path("seg_000003.ts"))  # left by an older agent: still recovered
+    for name in ("seg_x.mp4", "seg_000001.mp4.part", "concat.txt", "seg_.mp4", "other_000001.mp4"):
+        assert not ffmpeg.is_segment(Path(name)), name
 
 
 def test_transcode_mode_argv() -> None:
