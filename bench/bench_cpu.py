@@ -12,7 +12,7 @@ stopped in an order that rotates between rounds:
     (``completed`` with the default local storage, ``uploaded`` with ``--storage s3``), then until
     the agent has no child left: the camera probe (``video: auto``), FFmpeg's fragmented-MP4
     segments, the copying join with its sha256, fsync (and the upload), and the agent's Python meanwhile.
-(c) own argv: the agent's FFmpeg work without the agent: ``probe_argv``, ``record_argv`` (the
+(c) own argv: the agent's FFmpeg work without the agent: ``record_argv`` (the
     agent's form, default settings), then the agent's copying join (``fmp4.join``). b/c isolates the
     Python (progress parsing, MQTT, journal, fsync); b/a is the headline.
 
@@ -55,7 +55,6 @@ from _common import (
     md_table,
     pids_cpu_ns,
     pids_cpu_ticks,
-    run_child,
     run_facts,
     summary,
     workdir,
@@ -106,7 +105,8 @@ def media_seconds(path: Path) -> float:
 class OwnArgv(threading.Thread):
     """(c) for one camera: the agent's FFmpeg work in the agent's order, without the agent.
 
-    Probe the camera (``video: auto`` does), record with ``record_argv`` until ``stop`` is set, send
+    Record with ``record_argv`` until ``stop`` is set (no probe: the agent probes a ``video: auto``
+    camera once, at start-up or at its first task, and caches the mode; the warm-up task paid it), send
     ``q`` as the recorder does, then join the segments as the agent does (``fmp4.join``, on this
     thread: its CPU is this thread's rusage; it hashes as it copies).
     """
@@ -126,15 +126,10 @@ class OwnArgv(threading.Thread):
     def run(self) -> None:
         rec_cfg, transport = RecordingConfig(), CameraConfig.model_fields["rtsp_transport"].default
         ffmpeg_bin = shutil.which(rec_cfg.ffmpeg_path) or rec_cfg.ffmpeg_path
-        ffprobe = ff.ffprobe_next_to(ffmpeg_bin)
         segdir = self.work / "segments"
         segdir.mkdir(parents=True, exist_ok=True)
         logs = self.work / "logs"
         try:
-            _, self.cpu["probe"], _ = run_child(ff.probe_argv(
-                ffprobe, self.url, rtsp_transport=transport, rtsp_timeout_s=rec_cfg.rtsp_timeout_seconds,
-                analyzeduration_us=rec_cfg.analyzeduration_us, probesize=rec_cfg.probesize,
-            ), logs / "probe.log", rec_cfg.probe_timeout_seconds)  # fmt: skip
             self.record = Child(ff.record_argv(
                 ffmpeg_bin, self.url, segdir, mode="copy", rtsp_transport=transport,
                 rtsp_timeout_s=rec_cfg.rtsp_timeout_seconds, segment_seconds=rec_cfg.segment_seconds,
@@ -321,12 +316,12 @@ def run_round(rig: AgentRig, urls: list[str], work: Path, rnd: int, clip: float,
         "media_s": sum(media_seconds(work / f"plain{i}.mp4") for i in range(n)),
         "exit_codes": sorted({c.returncode for c in plain}),
     }  # fmt: skip
-    own_parts = {k: sum(t.cpu.get(k, 0.0) for t in own) for k in ("probe", "record", "join", "file_probe")}
+    own_parts = {k: sum(t.cpu.get(k, 0.0) for t in own) for k in ("record", "join")}
     own_rec = sum((t.record_ticks_at_stop or 0) for t in own) / CLK_TCK
     own_side = {
         "cpu_s": sum(own_parts.values()), **{f"{k}_cpu_s": v for k, v in own_parts.items()},
-        "record_phase_cpu_s": own_rec + own_parts["probe"],
-        "finalise_phase_cpu_s": sum(own_parts.values()) - own_rec - own_parts["probe"],
+        "record_phase_cpu_s": own_rec,
+        "finalise_phase_cpu_s": sum(own_parts.values()) - own_rec,
         "wall_s": max(t.done_at or 0.0 for t in own) - started["own"],
         "stop_to_final_s": max(t.done_at or 0.0 for t in own) - stopped["own"],
         "media_s": sum(t.duration for t in own),
@@ -521,7 +516,7 @@ def main() -> None:
         "agent_config": agent_config,
         "sides": {"plain": " ".join(plain_argv("URL", Path("out.mp4"))),
                   "agent": "the agent process, default settings, whole task start -> final status",
-                  "own": "edge_agent.ffmpeg probe_argv + record_argv, then edge_agent.fmp4.join"},
+                  "own": "edge_agent.ffmpeg record_argv, then edge_agent.fmp4.join"},
         "facts": run_facts(load_before), "elapsed_s": elapsed,
         "rounds": rounds, "per_n": per_n, "old_service": old,
     }, args.results_dir)  # fmt: skip

@@ -5,21 +5,22 @@ stream for the same simulator cost). Per round, side by side over the same windo
 FFmpeg processes of every form:
 
 - ``current``: exactly ``edge_agent.ffmpeg.record_argv(mode="copy")`` with the default settings
-  (MPEG-TS segments of 4 s, ``flush_packets=1``, ``-progress pipe:1`` every 0.5 s);
-- ``stats2``: the same with ``-stats_period 2``;
-- ``noflush``: the same without ``-segment_format_options flush_packets=1``;
-- ``fmp4``: fragmented-MP4 segments (``-segment_format mp4 -segment_format_options
-  movflags=+frag_keyframe+empty_moov+default_base_moof``);
-- ``seg10``: the current form with 10 s segments;
-- ``fmp4-stats2``: fragmented MP4 and ``-stats_period 2`` together;
+  (fragmented-MP4 segments of 4 s, a fragment at least every second flushed as written, ``-progress``
+  every ``recording.stats_period_seconds``), joined by ``edge_agent.fmp4.join``;
+- ``stats0.5``: the same with ``-stats_period 0.5`` (the earlier default);
+- ``mpegts``: the form before it: MPEG-TS segments with every packet flushed (``flush_packets=1``),
+  ``-stats_period 0.5``, joined by FFmpeg's concat (``concat_argv``: a remux into a faststart MP4);
+- ``hls``: FFmpeg's HLS muxer with fMP4 segments (one muxer for all segments: joined by concatenating
+  the files), which holds each segment in memory until it closes;
 - ``plain``: the floor, ``ffmpeg -rtsp_transport tcp -i URL -c copy -movflags +faststart out.mp4``
   (not crash-safe: no ``moov`` until a clean exit).
 
 Measured per form:
 - steady CPU: /proc/PID/task/*/schedstat nanoseconds over the window, once every process has media;
 - finalise: half of the copies get ``q`` (a clean stop, as the agent's recorder does); their exit
-  work is their rusage beyond the window, and their segments are joined with the agent's own
-  ``concat_argv`` (CPU from rusage), so a form that is cheap to record but dear to join shows it;
+  work is their rusage beyond the window, and their segments are joined the form's way (CPU: the
+  joining FFmpeg's rusage, or this thread's for a join in Python), so a form that is cheap to record
+  but dear to join shows it;
 - crash safety: the other half are SIGKILLed right after one of their ``-progress`` reports,
   at a seeded random point of a segment, then every file on disk is probed (``-count_packets``).
   Loss = frames FFmpeg had handed to its muxer at the kill (the report's ``frame=`` plus the time
@@ -28,7 +29,6 @@ Measured per form:
 
 Progress pipes are drained by this script, as the agent drains them. Results go to
 ``docs/results/forms_<date-time>.json`` and ``forms_latest.json`` with the commit and machine facts.
-The agent's form is not changed by this script: it reports, the numbers decide.
 
     .venv/bin/python bench/bench_forms.py [--quick] [--rounds 3] [--window 60] [--copies 2] [--forms a,b]
 """
@@ -37,7 +37,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -65,23 +67,18 @@ from _common import (
 from parts import CameraSim
 
 from edge_agent import ffmpeg as ff
+from edge_agent import fmp4
 from edge_agent.config import RecordingConfig
 
 FPS = 25
 PATTERN = "smpte horizontal-speed=4"
-FMP4_OPTIONS = "movflags=+frag_keyframe+empty_moov+default_base_moof"
-FORMS = ("current", "stats2", "noflush", "fmp4", "seg10", "fmp4-stats2", "hls", "hls-stats2", "hls-gop", "plain")
+FORMS = ("current", "stats0.5", "mpegts", "hls", "plain")
 HLS_INIT = "init.mp4"
 
 
 def _set_option(argv: list[str], flag: str, value: str) -> list[str]:
     i = argv.index(flag)
     return [*argv[: i + 1], value, *argv[i + 2 :]]
-
-
-def _drop_option(argv: list[str], flag: str) -> list[str]:
-    i = argv.index(flag)
-    return [*argv[:i], *argv[i + 2 :]]
 
 
 def form_argv(form: str, url: str, out: Path) -> list[str]:
@@ -91,51 +88,49 @@ def form_argv(form: str, url: str, out: Path) -> list[str]:
         return [ffmpeg_bin, "-y", "-rtsp_transport", "tcp", "-i", url, "-c", "copy", "-movflags", "+faststart",
                 str(out / "out.mp4")]  # fmt: skip
     cfg = RecordingConfig()
-    stats = 2.0 if "stats2" in form else cfg.stats_period_seconds
-    if form.startswith("hls"):  # fragmented-MP4 segments of one mov muxer: joined by concatenating bytes
+    stats = cfg.stats_period_seconds if form == "current" else 0.5
+    if form == "hls":
         return [ffmpeg_bin, "-hide_banner", "-loglevel", "error", "-nostats", "-progress", "pipe:1",
                 "-stats_period", f"{stats:g}", "-rtsp_transport", "tcp", "-i", url, "-map", "0:v:0", "-an",
                 "-c:v", "copy", "-f", "hls", "-hls_time", str(cfg.segment_seconds), "-hls_list_size", "0",
                 "-hls_segment_type", "fmp4", "-hls_fmp4_init_filename", HLS_INIT,
-                *(["-hls_segment_options", "movflags=+frag_keyframe"] if form == "hls-gop" else []),
                 "-hls_segment_filename", str(out / "seg_%06d.m4s"), str(out / "index.m3u8")]  # fmt: skip
-    seconds = 10 if form == "seg10" else cfg.segment_seconds
     argv = ff.record_argv(
-        ffmpeg_bin, url, out, mode="copy", segment_seconds=seconds, analyzeduration_us=cfg.analyzeduration_us,
-        probesize=cfg.probesize, stats_period_s=stats, rtsp_timeout_s=cfg.rtsp_timeout_seconds,
+        ffmpeg_bin, url, out, mode="copy", segment_seconds=cfg.segment_seconds,
+        analyzeduration_us=cfg.analyzeduration_us, probesize=cfg.probesize, stats_period_s=stats,
+        rtsp_timeout_s=cfg.rtsp_timeout_seconds,
     )  # fmt: skip
-    if form == "noflush":
-        argv = _drop_option(argv, "-segment_format_options")
-    if form.startswith("fmp4"):
-        argv = _set_option(argv, "-segment_format", "mp4")
-        argv = _set_option(argv, "-segment_format_options", FMP4_OPTIONS)
-        argv[-1] = str(out / ff.SEGMENT_PATTERN.replace(".ts", ".mp4"))
+    if form == "mpegts":
+        argv = _set_option(argv, "-segment_format", "mpegts")
+        argv = _set_option(argv, "-segment_format_options", "flush_packets=1")
+        argv[-1] = str(out / "seg_%06d.ts")
     return argv
 
 
 def media_files(form: str, out: Path) -> list[Path]:
     if form == "plain":
         return [out / "out.mp4"] if (out / "out.mp4").exists() else []
-    if form.startswith("hls"):
+    if form == "hls":
         init = out / HLS_INIT
         return ([init] if init.exists() else []) + sorted(out.glob("seg_*.m4s"))
-    return sorted(p for p in out.glob("seg_*") if p.suffix in (".ts", ".mp4"))
+    return sorted((p for p in out.glob("seg_*") if ff.is_segment(p)), key=ff.segment_number)
+
+
+def thread_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_THREAD)
+    return usage.ru_utime + usage.ru_stime
 
 
 def cat_join(files: list[Path], joined: Path) -> float:
-    """Join fragmented-MP4 segments as the agent would: copy the bytes once, hashing them. Thread CPU-s."""
-    import hashlib
-    import resource
-
-    t0 = resource.getrusage(resource.RUSAGE_THREAD)
+    """Join HLS fMP4 segments: concatenate the files once, hashing them. This thread's CPU-s."""
+    t0 = thread_cpu()
     digest = hashlib.sha256()
     with joined.open("wb") as dst:
         for f in files:
             data = f.read_bytes()
             digest.update(data)
             dst.write(data)
-    t1 = resource.getrusage(resource.RUSAGE_THREAD)
-    return (t1.ru_utime - t0.ru_utime) + (t1.ru_stime - t0.ru_stime)
+    return thread_cpu() - t0
 
 
 def count_packets(path: Path) -> int | None:
@@ -261,7 +256,7 @@ def run_round(forms: list[str], copies: int, url: str, work: Path, window: float
             res["files"] = len(files)
             if id(r) in kills:
                 k = kills[id(r)]
-                if r.form.startswith("hls") and files:  # .m4s files read only behind their init segment
+                if r.form == "hls" and files:  # .m4s files read only behind their init segment
                     cat_join(files, r.out / "joined.mp4")
                     files = [r.out / "joined.mp4"]
                 counts = [count_packets(p) for p in files]
@@ -287,23 +282,27 @@ def run_round(forms: list[str], copies: int, url: str, work: Path, window: float
 
 
 def join_form(r: Recorder, work: Path) -> dict[str, Any]:
-    """The agent's join (``concat_argv``) of a cleanly stopped form's segments: CPU and media seconds."""
+    """A cleanly stopped form's segments joined the form's way: CPU and media seconds."""
     files = media_files(r.form, r.out)
+    joined = r.out / "joined.mp4"
     if r.form == "plain":  # already one faststart MP4: nothing to join
         n = count_packets(files[0]) if files else None
         return {"join_cpu_s": 0.0, "joined_s": (n or 0) / FPS}
-    if r.form.startswith("hls"):
-        joined = r.out / "joined.mp4"
+    if r.form == "hls":
         cpu = cat_join(files, joined)
-        n = count_packets(joined)
-        return {"join_cpu_s": cpu, "join_exit_code": 0 if n else 1, "joined_s": (n or 0) / FPS}
-    listing = r.out / "concat.txt"
-    listing.write_text(ff.concat_list([f for f in files if f.stat().st_size > 0]), encoding="utf-8")
-    joined = r.out / "joined.mp4"
-    code, cpu, _ = run_child(ff.concat_argv(shutil.which("ffmpeg") or "ffmpeg", listing, joined),
-                             work / "logs" / f"join-{r.form}-{r.copy}.log", 300)  # fmt: skip
-    n = count_packets(joined) if code == 0 else None
-    return {"join_cpu_s": cpu, "join_exit_code": code, "joined_s": (n or 0) / FPS}
+    elif r.form == "mpegts":
+        listing = r.out / "concat.txt"
+        listing.write_text(ff.concat_list([f for f in files if f.stat().st_size > 0]), encoding="utf-8")
+        code, cpu, _ = run_child(ff.concat_argv(shutil.which("ffmpeg") or "ffmpeg", listing, joined),
+                                 work / "logs" / f"join-{r.form}-{r.copy}.log", 300)  # fmt: skip
+        if code != 0:
+            return {"join_cpu_s": cpu, "join_exit_code": code, "joined_s": 0.0}
+    else:  # the agent's own join
+        t0 = thread_cpu()
+        fmp4.join([f for f in files if f.stat().st_size > 0], joined)
+        cpu = thread_cpu() - t0
+    n = count_packets(joined)
+    return {"join_cpu_s": cpu, "join_exit_code": 0 if n else 1, "joined_s": (n or 0) / FPS}
 
 
 def main() -> None:
@@ -373,7 +372,7 @@ def main() -> None:
           f"{window:g} s window, seed {seed}\n")  # fmt: skip
     print(md_table(
         ["form", "steady CPU-s per camera-minute median (min-max)", "vs current",
-         "join CPU-s per media minute (agent's concat)", "steady + join", "SIGKILL loss s median / max",
+         "join CPU-s per media minute", "steady + join", "SIGKILL loss s median / max",
          "unreadable files after kill"], table,
     ))  # fmt: skip
     print("\nLoss: frames handed to the muxer at the kill minus packets readable on disk (page cache kept: a "

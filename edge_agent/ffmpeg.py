@@ -139,7 +139,7 @@ def record_argv(
     preset: str = "veryfast",
     analyzeduration_us: int = 500000,
     probesize: int = 500000,
-    stats_period_s: float = 0.5,
+    stats_period_s: float = 2.0,
     segment_list_fd: int | None = None,
 ) -> list[str]:
     """Record a camera into fragmented-MP4 segments: a kill loses at most the fragment being written.

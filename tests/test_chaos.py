@@ -83,12 +83,15 @@ RETAINED_BOUND_S = 15.0
 SEGMENT_S = 2  # recording.segment_seconds
 STALL_S = 6.0  # recording.stall_timeout_seconds: no new frame this long -> FFmpeg restarted
 BACKOFF_MAX_S = 2.0  # recording.restart_backoff_max_seconds
-# The simulator's keyframe interval: x264 key-int-max = 2 x fps (tests/camsim.py), 50 frames at 25 fps.
-# With stream copy a segment can only be cut at a keyframe, so the segment being written when the
-# agent (and FFmpeg) are killed holds at most one GOP (= SEGMENT_S here): the most a crash may cost
-# if that torn segment does not probe and the join sets it aside. Measured: none (loss <= -0.57 s).
+# FFmpeg writes a fragment at every keyframe and at least every second (ffmpeg.FRAGMENTED_MP4_OPTIONS:
+# frag_duration 1 s) and flushes each as it is written, so a SIGKILLed FFmpeg loses the fragment in
+# progress: at most FRAGMENT_S plus a frame. The simulator's keyframe interval (x264 key-int-max =
+# 2 x fps, tests/camsim.py) is larger, so the GOP does not set the bound. An agent killed without its
+# FFmpeg loses nothing: FFmpeg records on until recovery stops it with SIGTERM (its last fragment
+# written). CRASH_TOLERANCE_S keeps the earlier bound of one GOP, which the fragment bound is inside.
+FRAGMENT_S = 1.0
 GOP_S = 2.0
-CRASH_TOLERANCE_S = GOP_S
+CRASH_TOLERANCE_S = max(GOP_S, FRAGMENT_S + 0.1)
 # A broker or object-store outage does not touch the recording at all: the MP4 must cover the
 # window. It holds more than the window when nothing is lost (the window starts at the first progress
 # report, -stats_period 0.5 s, after the first frame): measured loss -0.72 to -0.60 s in 118 rounds.
@@ -100,10 +103,11 @@ RESTART_DELAY_MAX_S = 1.2 * BACKOFF_MAX_S
 # the report's `first_frame_seconds`, which includes a camera probe when the mode was not cached):
 # median 0.8 s, at most 1.94 s.
 FIRST_FRAME_S = 2.5
-# An FFmpeg kill costs the restart gap: the restart delay and the new FFmpeg's first frame. (The
-# killed FFmpeg's last segment is torn, but its packets were flushed as written and stay readable.)
-# Measured: loss at most +0.22 s (the window's head start hides about 0.6 s of the gap).
-RESTART_GAP_S = RESTART_DELAY_MAX_S + FIRST_FRAME_S
+# An FFmpeg kill costs the restart gap (the restart delay and the new FFmpeg's first frame) and the
+# fragment the killed FFmpeg had in progress (its earlier fragments are complete on disk). Measured
+# with MPEG-TS segments (packets flushed one by one): loss at most +0.22 s (the window's head start
+# hides about 0.6 s of the gap); fragments add at most FRAGMENT_S.
+RESTART_GAP_S = RESTART_DELAY_MAX_S + FIRST_FRAME_S + FRAGMENT_S
 # A camera outage costs the outage plus the reconnect. A killed camera closes its connection, so
 # FFmpeg ends at once (STALL_S is for a camera that goes silent without closing, which this fault is
 # not); FFmpeg is then restarted with backoff until the camera answers. Measured (18 outages during

@@ -103,6 +103,15 @@ def test_unknown_nested_camera_key_is_named() -> None:
     assert "cameras.cam1.urll" in config_error(doc)
 
 
+def test_stall_timeout_must_outlast_progress_reports() -> None:
+    doc = base_doc()
+    doc["recording"].update(stall_timeout_seconds=3, stats_period_seconds=2)
+    text = config_error(doc)
+    assert "recording.stall_timeout_seconds (3)" in text and "stats_period_seconds (2)" in text
+    doc["recording"]["stall_timeout_seconds"] = 5
+    assert parse_config(doc, env={}).recording.stall_timeout_seconds == 5
+
+
 @pytest.mark.parametrize("port", [0, 65536, "http"])
 def test_bad_port_is_named(port: object) -> None:
     doc = base_doc()
