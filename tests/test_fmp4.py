@@ -10,6 +10,7 @@ duration the join reports, and damaged or foreign segments handled without losin
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import subprocess
 from collections import Counter
@@ -64,7 +65,7 @@ def dts_steps(path: Path) -> Counter[int]:
          str(path)], capture_output=True, text=True, check=True, timeout=60,
     )  # fmt: skip
     dts = [int(x.strip().rstrip(",")) for x in out.stdout.splitlines() if x.strip()]
-    return Counter(b - a for a, b in zip(dts, dts[1:], strict=False))
+    return Counter(b - a for a, b in itertools.pairwise(dts))
 
 
 def test_join_keeps_every_frame_with_continuous_timestamps(tmp_path: Path) -> None:
