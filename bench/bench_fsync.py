@@ -23,7 +23,8 @@ from _common import fmt, log, md_table, workdir
 from parts import CameraSim
 
 from edge_agent import ffmpeg
-from edge_agent.recorder import Recorder, RecorderEvent, RecordingFinished, RecordingSpec
+from edge_agent.recorder import Recorder
+from edge_agent.recording import RecorderEvent, RecordingFinished, RecordingSpec
 
 
 def _children_cpu() -> float:

@@ -2,7 +2,7 @@
 
 (a) bare:  ``Minio(...).fput_object`` of K files, one after another, to bucket A.
 (b) agent: what the agent does for each finished recording, one file after another: the sha256
-    the agent computes at finalise (``edge_agent.recorder.sha256_file``), then the upload through
+    the agent computes at finalise (``edge_agent.finalise.sha256_file``), then the upload through
     ``edge_agent.uploads.UploadPool`` + ``MinioStore`` with the StorageConfig defaults (bucket B,
     delete_local_after_upload false, upload_workers 1: one recording is one job) until its
     ``UploadFinished`` (the verification ``stat_object`` and the presign included). The hash is
@@ -32,7 +32,7 @@ from minio import Minio
 from parts import AgentProcess, CameraSim, Mosquitto, MqttProbe, SeaweedS3, write_config
 
 from edge_agent.config import StorageConfig
-from edge_agent.recorder import sha256_file
+from edge_agent.finalise import sha256_file
 from edge_agent.uploads import MinioStore, UploadEvent, UploadFailed, UploadFinished, UploadPool
 
 MB = 1_000_000

@@ -46,7 +46,7 @@ from minio import Minio
 from parts import LOCALHOST, SeaweedS3
 
 from edge_agent.config import StorageConfig
-from edge_agent.recorder import sha256_file
+from edge_agent.finalise import sha256_file
 from edge_agent.uploads import MinioStore, UploadEvent, UploadFailed, UploadFinished, UploadJob, UploadPool, UploadState
 
 MB = 1_000_000

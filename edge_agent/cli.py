@@ -154,7 +154,7 @@ def run_agent(cfg: AgentConfig, redactor: RedactingFormatter) -> int:
     if cfg.storage.type == "minio":
         pool = UploadPool(MinioStore(cfg.storage), cfg.storage, events.put)
     gate = InboundGate(cfg.mqtt.inbound_queue)
-    link = MqttLink(cfg.mqtt, Topics(cfg.mqtt.topic_prefix, cfg.device_id), cfg.mqtt_client_id(), events.put, gate)
+    link = MqttLink(cfg.mqtt, Topics.of(cfg), cfg.mqtt_client_id(), events.put, gate)
     agent = Agent(cfg, link, journal, pool, events, gate=gate)
     redactor.secrets = agent.secrets
     err = agent.resolve_ffmpeg()
@@ -175,7 +175,7 @@ def run_agent(cfg: AgentConfig, redactor: RedactingFormatter) -> int:
     agent.prewarm_probes()
     metrics = None
     if cfg.metrics.enabled:
-        agent._refresh_metrics()
+        agent.report.refresh_metrics()
         metrics = MetricsServer(cfg.metrics.host, cfg.metrics.port, lambda: agent.metrics_snapshot).start()
         log.info("Prometheus metrics on http://%s:%d/metrics", cfg.metrics.host, metrics.port)
     if pool is not None:

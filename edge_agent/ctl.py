@@ -337,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.config}: invalid configuration:\n{exc}", file=sys.stderr)
         return EXIT_USAGE
     device = args.device or cfg.device_id
-    topics = Topics(cfg.mqtt.topic_prefix, device)
+    topics = Topics.of(cfg, device)
     try:
         if args.action == "watch":
             return _watch(args, cfg, topics)

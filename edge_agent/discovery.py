@@ -54,7 +54,7 @@ def _common(topics: Topics, version: str) -> dict[str, Any]:
 
 def camera_config(cfg: AgentConfig, camera_id: str, version: str) -> dict[str, Any]:
     """The device config of one camera."""
-    topics = Topics(cfg.mqtt.topic_prefix, cfg.device_id)
+    topics = Topics.of(cfg)
     node = camera_node_id(cfg.device_id, camera_id)
     cam = cfg.cameras[camera_id]
     status = topics.status(camera_id)
@@ -92,7 +92,7 @@ def camera_config(cfg: AgentConfig, camera_id: str, version: str) -> dict[str, A
 
 def agent_config(cfg: AgentConfig, version: str) -> dict[str, Any]:
     """The device config of the agent itself (its upload backlog, and telemetry when enabled)."""
-    topics = Topics(cfg.mqtt.topic_prefix, cfg.device_id)
+    topics = Topics.of(cfg)
     node = agent_node_id(cfg.device_id)
     cmps: dict[str, Any] = {
         "upload_backlog": {

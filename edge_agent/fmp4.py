@@ -13,8 +13,8 @@ segment is a muxer of its own. Joining them is a copy:
 
 `moov` comes first, so the file plays while it downloads, as `+faststart` does for a plain MP4. This
 replaced an FFmpeg concat (a remux of every packet plus a `+faststart` second pass and an ffprobe):
-about 0.3 CPU-s per minute of 1080p, as much as recording it, against 0.01 for the copy (measured
-with `bench/bench_forms.py`).
+0.24 CPU-s per minute of 1080p, most of what recording it costs, against 0.02 for the copy with its
+sha256 (`bench/bench_forms.py`, docs/results/forms_20261206-160406.json).
 
 The reader is strict about what it keeps and tolerant of where a file ends: a segment is read box
 by box and the scan stops at the first box that is cut short or does not add up (a `trun` pointing

@@ -129,3 +129,26 @@ class Task:
         data["started"] = parse_iso(rec["started"])
         data["updated"] = parse_iso(rec["updated"])
         return cls(**data)
+
+
+def new_task(camera: str, name: str, device_id: str, output_dir: Path, storage_type: str, bucket: str | None,
+             max_seconds: int, started: datetime | None = None) -> Task:  # fmt: skip
+    """A task as `start` creates it, with the naming rules for its file and object key.
+
+    File: `<output_dir>/<camera>/<task>_<start UTC stamp>.mp4`; object key (MinIO):
+    `<device>/<camera>/YYYY/MM/DD/<same file name>`, deterministic per run, so a retried upload
+    overwrites the same key. `name` has passed the naming rule (`edge_agent.names`).
+    """
+    started = started or utc_now()
+    ts = stamp(started)
+    file_name = f"{name}_{ts}.mp4"
+    task = Task(
+        task_id=f"{camera}/{name}_{ts}", camera_id=camera, task_name=name, device_id=device_id,
+        started=started, storage_type=storage_type, local_file=str(output_dir.resolve() / camera / file_name),
+        max_seconds=max_seconds,
+    )  # fmt: skip
+    if storage_type == "minio":
+        task.bucket = bucket
+        task.object_name = f"{device_id}/{camera}/{started:%Y/%m/%d}/{file_name}"
+        task.local_file_deleted = False
+    return task

@@ -19,8 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from edge_agent import names
+
+if TYPE_CHECKING:
+    from edge_agent.config import AgentConfig
 
 CTL_LEVEL = "_ctl"  # P/D/_ctl/...: reply inboxes of `edge-agent ctl` (a reserved camera id)
 
@@ -31,6 +35,11 @@ class Topics:
 
     prefix: str
     device_id: str
+
+    @classmethod
+    def of(cls, cfg: AgentConfig, device_id: str | None = None) -> Topics:
+        """The layout of the configured device (or of `device_id` under the same prefix: `ctl`)."""
+        return cls(cfg.mqtt.topic_prefix, device_id or cfg.device_id)
 
     @property
     def base(self) -> str:

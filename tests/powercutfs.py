@@ -30,7 +30,7 @@ data here therefore keeps it on those file systems too, as far as *lost* writes 
 
 What it does not explore: a disk that keeps some unsynced writes and drops others (reordering,
 torn writes, a journal commit in the middle of a run of unlinks). The agent's code is reasoned
-about for those (`edge_agent.recorder._retire_segments`); LazyFS's torn-write faults are not
+about for those (`edge_agent.finalise._retire_segments`); LazyFS's torn-write faults are not
 reproduced here. SQLite's ``-shm`` file (memory-mapped) is lost like any unsynced file, which
 SQLite expects.
 

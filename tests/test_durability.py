@@ -19,8 +19,10 @@ from test_finalise import _record_segments, _spec
 from test_unit_journal import make_task
 
 from edge_agent import durable
+from edge_agent.finalise import finalise_segments
 from edge_agent.journal import Journal
-from edge_agent.recorder import Recorder, RecordingFinished, finalise_segments
+from edge_agent.recorder import Recorder
+from edge_agent.recording import RecordingFinished
 
 
 @pytest.fixture

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from parts import ffprobe_info, moov_before_mdat
 
-from edge_agent.recorder import RecordingFailed, RecordingFinished, RecordingSpec, finalise_segments
+from edge_agent.finalise import finalise_segments
+from edge_agent.recording import RecordingFailed, RecordingFinished, RecordingSpec
 
 pytestmark = pytest.mark.integration
 

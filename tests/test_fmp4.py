@@ -20,7 +20,8 @@ import pytest
 from parts import moov_before_mdat
 
 from edge_agent import ffmpeg, fmp4
-from edge_agent.recorder import RecordingFinished, RecordingSpec, finalise_segments
+from edge_agent.finalise import finalise_segments
+from edge_agent.recording import RecordingFinished, RecordingSpec
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,8 @@ from edge_agent.agent import Agent, Event
 from edge_agent.config import AgentConfig, parse_config
 from edge_agent.journal import Journal
 from edge_agent.mqtt import CommandReceived, Connected
-from edge_agent.recorder import MediaStarted, RecorderEvent, RecordingFailed, RecordingFinished, RecordingSpec
+from edge_agent.recording import MediaStarted, RecorderEvent, RecordingFailed, RecordingFinished, RecordingSpec
+from edge_agent.retention import apply_retention
 from edge_agent.tasks import parse_iso, stamp
 from edge_agent.uploads import UploadAttempt, UploadFailed, UploadFinished, UploadProgress, UploadRetrying
 
@@ -289,7 +290,7 @@ def test_max_seconds_clamped_to_camera_max(build: Callable[..., Harness], asked:
     extra = {} if asked is None else {"max_seconds": asked}
     reply = h.start("t", **extra)
     assert reply["max_seconds"] == expected
-    assert h.recorders[0].spec.task_id in h.agent._deadlines
+    assert h.agent.book.has_deadline(h.recorders[0].spec.task_id)
 
 
 def test_max_seconds_uses_recording_default(build: Callable[..., Harness]) -> None:
@@ -545,7 +546,8 @@ def _journal_task(h: Harness, name: str, status: str, **fields: Any) -> Any:
     """A task as an earlier run of the agent left it in the journal."""
     h.start(name)
     rec = h.recorders[-1]
-    task = h.agent._tasks[rec.spec.task_id]
+    task = h.agent.book.get(rec.spec.task_id)
+    assert task is not None
     for key, value in {"status": status, **fields}.items():
         setattr(task, key, value)
     h.journal.save(task)
@@ -626,7 +628,7 @@ def test_retention_deletes_only_old_uploaded_copies(build: Callable[..., Harness
         h.agent.handle(RecordingFailed(task.task_id, "test: free the camera"))
         task.status = status  # the failure above only released the camera; keep the journaled status
         h.journal.save(task)
-    h.agent._apply_retention()
+    assert apply_retention(h.agent.cfg, h.journal) == 1
     assert not files["old-up"].exists()
     assert files["old-pending"].exists() and files["new-up"].exists()  # never deletes what is not uploaded
     kept = {t.task_name: t for t in h.journal.with_status(frozenset({"uploaded"}))}

@@ -24,7 +24,7 @@ from edge_agent.errors import ConfigError
 from edge_agent.journal import Journal
 from edge_agent.messages import parse_switch, transition_events
 from edge_agent.mqtt import Connected, MessageReceived
-from edge_agent.recorder import Interrupted, MediaStarted, RecordingFailed
+from edge_agent.recording import Interrupted, MediaStarted, RecordingFailed
 from edge_agent.uploads import UploadFinished
 
 P_D = "edge/edge-01"
@@ -322,7 +322,7 @@ def test_telemetry_document(build: Callable[..., Harness]) -> None:
     h.agent.handle(MediaStarted(tid))
     h.agent.handle(Interrupted(tid, 1, "stall"))
     h.agent.handle(Interrupted(tid, 2, "exit"))
-    h.agent._publish_telemetry()
+    h.agent.report.telemetry()
     t1 = h.pub.retained(f"{P_D}/telemetry")
     assert t1 is not None and t1["cameras_recording"] == 1 and t1["ffmpeg_restarts"] == 2
 
@@ -366,7 +366,7 @@ def test_metrics_render_is_prometheus_text() -> None:
 
 
 def test_segment_events_can_be_turned_off(build: Callable[..., Harness], tmp_path: Path) -> None:
-    from edge_agent.recorder import SegmentClosed
+    from edge_agent.recording import SegmentClosed
 
     for enabled in (True, False):
         h = build(recording={"output_dir": str(tmp_path / "rec"), "segment_events": enabled})

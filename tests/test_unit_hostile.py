@@ -111,7 +111,7 @@ def test_rate_limit_answers_then_counts_and_recovers(build: Callable[..., Harnes
     docs = [json.loads(p) for (_t, p, _r, _c) in h.pub.replies]
     assert [d["status"] for d in docs] == ["idle"] * 3 + ["rate_limited"] * 3
     assert all(d["ok"] is False and "retry_after_seconds" in d for d in docs[3:])
-    tele = h.agent._telemetry_doc()
+    tele = h.agent.report.telemetry_doc()
     assert tele["commands_received"] == 10
     assert tele["commands_rate_limited"] == 3
     assert tele["commands_unanswered"] == 4
@@ -174,7 +174,7 @@ def test_journal_entries_breaking_the_rule_are_quarantined_not_republished(tmp_p
     pub = FakePublisher()
     h = make_harness(tmp_path, cfg, pub, [journal])
     h.agent.recover()
-    h.agent._republish_all()
+    h.agent.report.republish_all()
     topics = [t for (t, _p, _r) in pub.published]
     assert f"{P_D}/cam1/tasks/fine" in topics
     assert not any("\ufdd0" in t for t in topics)
@@ -314,5 +314,5 @@ def test_a_command_whose_reply_topic_cannot_exist_is_counted_unanswered(build: C
     h = build()
     send(h, {"action": "status"}, camera="g" * 70000)
     assert h.pub.replies == []
-    tele = h.agent._telemetry_doc()
+    tele = h.agent.report.telemetry_doc()
     assert tele["commands_received"] == 1 and tele["commands_unanswered"] == 1
