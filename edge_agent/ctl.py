@@ -30,16 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.config import AgentConfig, load_config
 from edge_agent.errors import ConfigError
-from edge_agent.mqtt import describe_connect_error
+from edge_agent.mqttclient import describe_connect_error, new_client
 from edge_agent.tasks import TERMINAL_OK_STATUSES, TERMINAL_STATUSES
-from edge_agent.tls import client_context
 from edge_agent.topics import Topics
 
 EXIT_OK = 0
@@ -83,22 +81,11 @@ class _Conn:
         self.inbox: queue.Queue[Msg] = queue.Queue()
         self._acks: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._subs: list[str] = []
-        kwargs: dict[str, Any] = {}
-        if not self.v5:
-            kwargs["clean_session"] = True
-        self.client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=self.client_id,
-            protocol=paho.MQTTv5 if self.v5 else paho.MQTTv311, **kwargs,
-        )  # fmt: skip
+        try:  # the agent's own login and TLS set-up
+            self.client = new_client(self.cfg, self.client_id, persistent=False, cls=paho.Client)
+        except ConfigError as exc:
+            raise CtlError(EXIT_USAGE, str(exc)) from None
         self.client.connect_timeout = max(0.5, connect_timeout)
-        if self.cfg.username:
-            pw = self.cfg.password.get_secret_value() if self.cfg.password else None
-            self.client.username_pw_set(self.cfg.username, pw)
-        if self.cfg.tls.enabled:
-            try:
-                self.client.tls_set_context(client_context(self.cfg.tls))  # the agent's own TLS set-up
-            except ConfigError as exc:
-                raise CtlError(EXIT_USAGE, str(exc)) from None
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe

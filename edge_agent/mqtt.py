@@ -20,7 +20,6 @@ from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -36,7 +35,7 @@ from edge_agent.events import (  # re-exported: the link's events
     OutboxReady,
 )
 from edge_agent.limits import InboundGate
-from edge_agent.tls import client_context
+from edge_agent.mqttclient import UNINFORMATIVE_ERRORS, DiagnosingClient, describe_connect_error, new_client
 from edge_agent.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -132,115 +131,6 @@ def catch_log_exception(func: Callable[P, None]) -> Callable[P, None]:
     return wrapper
 
 
-class _Client(paho.Client):
-    """paho's Client that remembers why the current connection attempt failed.
-
-    paho 2.x calls `on_connect_fail(client, userdata)` without the exception: `loop_forever
-    (retry_first_connection=True)` catches the OSError from `reconnect()` and logs only "Connection
-    failed, retrying" at DEBUG. And under TLS 1.3 a broker that rejects our client certificate (expired,
-    unknown CA) says so with an alert *after* the handshake, so it surfaces as a failed socket read that
-    paho turns into a plain lost connection. The first OSError of each attempt is kept here (with the
-    address dialled) so the link can say which it was: wrong CA, expired certificate, wrong host name...
-    """
-
-    attempt_error: OSError | None = None
-    attempt_address: tuple[str, int] = ("", 0)
-    attempt_reported = False
-
-    drop_before_reconnect: set[int] | None = None  # mids of poison messages (see MqttLink._check_poison)
-
-    def reconnect(self) -> MQTTErrorCode:
-        if self.drop_before_reconnect:
-            # Here, not in on_disconnect: paho may be iterating its queue when it calls that.
-            with self._out_message_mutex:
-                for mid in self.drop_before_reconnect:
-                    self._out_messages.pop(mid, None)
-            self.drop_before_reconnect = set()
-        self.attempt_error = None
-        self.attempt_reported = False
-        self.attempt_address = (self.host, self.port)
-        try:
-            return super().reconnect()
-        except OSError as exc:
-            self.attempt_error = exc
-            raise
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        try:
-            return super()._sock_recv(bufsize)
-        except BlockingIOError:
-            raise
-        except OSError as exc:
-            self.attempt_error = self.attempt_error or exc
-            raise
-
-    def _sock_send(self, buf: bytes | bytearray) -> int:
-        try:
-            return super()._sock_send(buf)
-        except BlockingIOError:
-            raise
-        except OSError as exc:
-            self.attempt_error = self.attempt_error or self._pending_alert() or exc
-            raise
-
-    def _pending_alert(self) -> ssl.SSLError | None:
-        """The TLS alert the broker sent before it closed, if it is still unread.
-
-        When the alert (e.g. "certificate expired") arrives before we write CONNECT, OpenSSL reports
-        the write as a bare "EOF occurred in violation of protocol"; the alert itself is still in the
-        socket and a (non-blocking) read returns it. Measured on Mosquitto 2.0 + OpenSSL 3.0 with an
-        expired client certificate: about one attempt in ten, depending on timing.
-        """
-        sock = self._sock
-        if not isinstance(sock, ssl.SSLSocket):
-            return None
-        try:
-            sock.recv(1)
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, ssl.SSLEOFError, ssl.SSLZeroReturnError):
-            return None
-        except ssl.SSLError as alert:
-            return alert
-        except (OSError, ValueError):
-            return None
-        return None
-
-
-# Failures that tell only that the broker went away, not why.
-_UNINFORMATIVE = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError, BrokenPipeError)
-
-
-def describe_connect_error(exc: OSError | None, host: str, port: int) -> str:
-    """One line saying why a connection attempt to the broker failed (no secrets: only the address).
-
-    e.g. "TLS handshake with broker 127.0.0.1:8883 failed: certificate verify failed: unable to get
-    local issuer certificate".
-    """
-    where = f"broker {host}:{port}"
-    if exc is None:
-        return f"{where} closed the connection before accepting it (no CONNACK)"
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        # getattr: only errors raised by the ssl module itself carry these attributes.
-        detail = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or "unknown reason"
-        return f"TLS handshake with {where} failed: certificate verify failed: {detail}"
-    if isinstance(exc, ssl.SSLError):
-        text = str(exc)
-        if "(_ssl.c:" in text:
-            text = text[: text.rindex("(_ssl.c:")].rstrip()
-        if text.startswith("[") and "] " in text:
-            text = text.split("] ", 1)[1]  # "[SSL: SSLV3_ALERT_CERTIFICATE_EXPIRED] sslv3 alert ..."
-        reason = getattr(exc, "reason", None) or ""
-        if "ALERT" in reason and ("CERTIFICATE" in reason or "UNKNOWN_CA" in reason):
-            text += " (the broker rejected our client certificate: check mqtt.tls.cert_file)"
-        return f"TLS handshake with {where} failed: {text or type(exc).__name__}"
-    if isinstance(exc, socket.gaierror):
-        return f"cannot resolve broker host {host}: {exc.strerror or exc}"
-    if isinstance(exc, ConnectionRefusedError):
-        return f"cannot connect to {where}: connection refused"
-    if isinstance(exc, TimeoutError):
-        return f"cannot connect to {where}: timed out"
-    return f"connection to {where} failed: {exc.strerror or exc or type(exc).__name__}"
-
-
 class MqttLink:
     """Dials out to the broker, keeps the session, and publishes for the agent."""
 
@@ -255,13 +145,7 @@ class MqttLink:
         self._connected = threading.Event()
         self._closing = False
         self._extra: frozenset[str] = frozenset()  # exact topics, subscribed on every connect
-        protocol = paho.MQTTv5 if self._v5 else paho.MQTTv311
-        kwargs: dict[str, Any] = {}
-        if not self._v5:
-            kwargs["clean_session"] = False
-        self._client = _Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol, **kwargs
-        )
+        self._client = new_client(cfg, client_id, persistent=True, cls=DiagnosingClient)  # ConfigError: bad TLS
         self._gate = gate
         self._outbox = Outbox(cfg.outbound_queue)
         self._broker_max_packet: int | None = None
@@ -275,11 +159,6 @@ class MqttLink:
         # that did not fit and publishes it when there is room again.
         self._client.max_queued_messages_set(cfg.outbound_queue)
         self._client.max_inflight_messages_set(100)
-        if cfg.username:
-            pw = cfg.password.get_secret_value() if cfg.password else None
-            self._client.username_pw_set(cfg.username, pw)
-        if cfg.tls.enabled:
-            self._client.tls_set_context(client_context(cfg.tls))  # raises ConfigError naming the key
         # The last cause logged per broker address: a failure is logged once, again only when its cause
         # changes (DEBUG otherwise), and afresh after a successful connection.
         self._failure_causes: dict[tuple[str, int], str] = {}
@@ -504,7 +383,7 @@ class MqttLink:
     def _connect_failed_with(self, exc: OSError | None) -> None:
         host, port = self._client.attempt_address
         known = self._failure_causes.get((host, port))
-        if known is not None and (exc is None or isinstance(exc, _UNINFORMATIVE)):
+        if known is not None and (exc is None or isinstance(exc, UNINFORMATIVE_ERRORS)):
             # A bare EOF or reset after a known cause says nothing new (seen under load with an expired
             # client certificate: now and then the broker's alert is lost to the TCP reset); keep the cause.
             self._client.attempt_reported = True

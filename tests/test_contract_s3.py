@@ -1,6 +1,6 @@
 """Contract of the S3 calls the resumable upload relies on, against the real S3 server (SeaweedFS).
 
-`edge_agent.uploads.MinioStore` uses minio-py's non-public multipart calls (minio is pinned to
+`edge_agent.s3store.MinioStore` uses minio-py's non-public multipart calls (minio is pinned to
 7.2.x for that); these tests fail first if a minio release or the server changes what they do:
 ListParts reports each part's size and its MD5 as ETag, an upload id can be resumed after a crash,
 found again by key, and aborted.
@@ -18,7 +18,7 @@ import pytest
 from minio.datatypes import Part
 
 from edge_agent.config import StorageConfig
-from edge_agent.uploads import MinioStore, UploadJob, UploadState
+from edge_agent.s3store import MinioStore, UploadJob, UploadState
 
 pytestmark = pytest.mark.integration
 

@@ -25,10 +25,11 @@ from tlsparts import Authority, CertFiles
 from edge_agent import ctl
 from edge_agent.config import MqttConfig, StorageConfig, TlsConfig, parse_config
 from edge_agent.errors import ConfigError
-from edge_agent.mqtt import MqttLink, describe_connect_error
+from edge_agent.mqtt import MqttLink
+from edge_agent.mqttclient import describe_connect_error
+from edge_agent.s3store import MinioStore
 from edge_agent.tls import client_context
 from edge_agent.topics import Topics
-from edge_agent.uploads import MinioStore
 
 KEY_PASSWORD = "k3y-Pa55-zq9"
 
