@@ -1,0 +1,86 @@
+"""The RTSP camera simulator (tests/camsim.py, GStreamer under Debian's Python) as a managed part."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from parts.base import (
+    CAMSIM,
+    LOCALHOST,
+    SYSTEM_PYTHON,
+    ManagedProcess,
+    free_port,
+    tcp_accepts,
+)
+
+
+
+class CameraSim(ManagedProcess):
+    """The GStreamer RTSP camera simulator (``tests/camsim.py`` under Debian's python3)."""
+
+    name = "camsim"
+    start_timeout = 20.0
+
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        mounts: Sequence[str] = ("cam1",),
+        width: int = 1280,
+        height: int = 720,
+        fps: int = 25,
+        user: str | None = None,
+        password: str | None = None,
+        codec: str = "h264",
+        pattern: str = "ball",
+        shared: bool = True,
+    ) -> None:
+        super().__init__(workdir)
+        if codec not in ("h264", "mjpeg"):
+            raise ValueError(f"codec must be h264 or mjpeg, not {codec!r}")
+        if (user is None) != (password is None):
+            raise ValueError("user and password go together")
+        self.host = LOCALHOST
+        self.port = port if port is not None else free_port()
+        self.mounts = tuple(mounts)
+        self.width, self.height, self.fps = width, height, fps
+        self.user, self.password = user, password
+        self.codec = codec
+        self.pattern = pattern
+        self.shared = shared
+
+    def command(self) -> list[str]:
+        cmd = [
+            SYSTEM_PYTHON,
+            "-u",
+            str(CAMSIM),
+            "--port",
+            str(self.port),
+            "--mounts",
+            ",".join(self.mounts),
+            "--width",
+            str(self.width),
+            "--height",
+            str(self.height),
+            "--fps",
+            str(self.fps),
+            "--pattern",
+            self.pattern,
+            "--codec",
+            self.codec,
+            "--shared" if self.shared else "--no-shared",
+        ]
+        if self.user is not None and self.password is not None:
+            cmd += ["--user", self.user, "--password", self.password]
+        return cmd
+
+    def is_ready(self) -> bool:
+        return "READY" in self.log_since_start() and tcp_accepts(self.host, self.port)
+
+    def url(self, mount: str = "cam1", *, user: str | None = None, password: str | None = None) -> str:
+        """``rtsp://[user:pass@]127.0.0.1:PORT/mount`` (the simulator's own credentials by default)."""
+        user = self.user if user is None else user
+        password = self.password if password is None else password
+        cred = f"{user}:{password}@" if user is not None and password is not None else ""
+        return f"rtsp://{cred}{self.host}:{self.port}/{mount}"
