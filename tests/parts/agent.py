@@ -25,7 +25,6 @@ from parts.base import (
 )
 
 
-
 class AgentProcess:
     """``python -m edge_agent run --config FILE`` as a child in its own session.
 

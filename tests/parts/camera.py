@@ -15,7 +15,6 @@ from parts.base import (
 )
 
 
-
 class CameraSim(ManagedProcess):
     """The GStreamer RTSP camera simulator (``tests/camsim.py`` under Debian's python3)."""
 

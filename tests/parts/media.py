@@ -9,7 +9,6 @@ import subprocess
 from typing import Any
 
 
-
 def ffprobe_info(
     path_or_url: str | os.PathLike[str], timeout: float = 30.0, rtsp_transport: str = "tcp"
 ) -> dict[str, Any]:

@@ -13,7 +13,6 @@ from parts.base import (
 )
 
 
-
 class Mosquitto(ManagedProcess):
     """A Mosquitto 2.x broker with on-disk persistence saved every second."""
 

@@ -18,7 +18,6 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 
-
 @dataclass(frozen=True)
 class Message:
     topic: str

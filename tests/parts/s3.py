@@ -19,7 +19,6 @@ from parts.base import (
 )
 
 
-
 def weed_binary() -> str:
     beside = Path(sys.executable).parent / "weed"
     if beside.exists():
