@@ -130,10 +130,10 @@ class OwnArgv(threading.Thread):
         segdir.mkdir(parents=True, exist_ok=True)
         logs = self.work / "logs"
         try:
+            stream = ff.StreamInput(self.url, transport=transport, timeout_s=rec_cfg.rtsp_timeout_seconds,
+                                    analyzeduration_us=rec_cfg.analyzeduration_us, probesize=rec_cfg.probesize)
             self.record = Child(ff.record_argv(
-                ffmpeg_bin, self.url, segdir, mode="copy", rtsp_transport=transport,
-                rtsp_timeout_s=rec_cfg.rtsp_timeout_seconds, segment_seconds=rec_cfg.segment_seconds,
-                analyzeduration_us=rec_cfg.analyzeduration_us, probesize=rec_cfg.probesize,
+                ffmpeg_bin, stream, segdir, mode="copy", segment_seconds=rec_cfg.segment_seconds,
                 stats_period_s=rec_cfg.stats_period_seconds,
             ), logs / "record.log", stdin=True)  # fmt: skip
             self.recording.set()

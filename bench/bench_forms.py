@@ -95,11 +95,10 @@ def form_argv(form: str, url: str, out: Path) -> list[str]:
                 "-c:v", "copy", "-f", "hls", "-hls_time", str(cfg.segment_seconds), "-hls_list_size", "0",
                 "-hls_segment_type", "fmp4", "-hls_fmp4_init_filename", HLS_INIT,
                 "-hls_segment_filename", str(out / "seg_%06d.m4s"), str(out / "index.m3u8")]  # fmt: skip
-    argv = ff.record_argv(
-        ffmpeg_bin, url, out, mode="copy", segment_seconds=cfg.segment_seconds,
-        analyzeduration_us=cfg.analyzeduration_us, probesize=cfg.probesize, stats_period_s=stats,
-        rtsp_timeout_s=cfg.rtsp_timeout_seconds,
-    )  # fmt: skip
+    stream = ff.StreamInput(url, timeout_s=cfg.rtsp_timeout_seconds, analyzeduration_us=cfg.analyzeduration_us,
+                            probesize=cfg.probesize)
+    argv = ff.record_argv(ffmpeg_bin, stream, out, mode="copy", segment_seconds=cfg.segment_seconds,
+                          stats_period_s=stats)
     if form == "mpegts":
         argv = _set_option(argv, "-segment_format", "mpegts")
         argv = _set_option(argv, "-segment_format_options", "flush_packets=1")

@@ -58,12 +58,11 @@ def main() -> None:
     with CameraSim(base / "camsim", mounts=["cam1"], width=args.width, height=args.height, pattern="smpte") as cam:
         ff = ffmpeg.resolve_executable("ffmpeg")
         spec = RecordingSpec(
-            task_id="cam1/bench", camera_id="cam1", url=cam.url("cam1"), rtsp_transport="tcp", mode="copy",
+            task_id="cam1/bench", camera_id="cam1", stream=ffmpeg.StreamInput(cam.url("cam1")), mode="copy",
             segment_dir=out_dir / "cam1" / ".bench.segments", output_file=out_dir / "cam1" / "bench.mp4",
             ffmpeg=ff, ffprobe=ffmpeg.ffprobe_next_to(ff), segment_seconds=args.segment_seconds,
-            first_frame_timeout=20, stall_timeout=15, stop_timeout=10, rtsp_timeout=10, restart_backoff_max=2,
-            max_restarts=5, probe_timeout=15, preset="veryfast", analyzeduration_us=500000, probesize=500000,
-            stats_period=0.5,
+            first_frame_timeout=20, stall_timeout=15, stop_timeout=10, restart_backoff_max=2,
+            max_restarts=5, probe_timeout=15, preset="veryfast", stats_period=2.0,
         )  # fmt: skip
         rec = Recorder(spec, events.append)
         log(f"recording {args.seconds:g} s of {args.width}x{args.height} into {out_dir}")

@@ -24,6 +24,7 @@ from typing import Any
 from _common import fmt, log, md_table, summary, workdir, write_results
 from parts import AgentProcess, CameraSim, Mosquitto, MqttProbe, SeaweedS3, write_config
 
+from edge_agent import ffmpeg as ff
 from edge_agent.config import RecordingConfig
 
 DEVICE = "edge-bench"
@@ -43,12 +44,12 @@ def broker_floor(probe: MqttProbe, prefix: str, count: int) -> list[float]:
 
 
 def ffmpeg_first_frame(url: str, rc: RecordingConfig, timeout: float = 20.0) -> float:
+    stream = ff.StreamInput(url, timeout_s=rc.rtsp_timeout_seconds, analyzeduration_us=rc.analyzeduration_us,
+                            probesize=rc.probesize)  # the agent's own input options
     argv = [
         "ffmpeg", "-hide_banner", "-loglevel", "error", "-nostats", "-progress", "pipe:1",
-        "-stats_period", f"{rc.stats_period_seconds:g}", "-rtsp_transport", "tcp",
-        "-timeout", str(int(rc.rtsp_timeout_seconds * 1_000_000)),
-        "-analyzeduration", str(rc.analyzeduration_us), "-probesize", str(rc.probesize),
-        "-i", url, "-map", "0:v:0", "-an", "-c", "copy", "-f", "null", "-",
+        "-stats_period", f"{rc.stats_period_seconds:g}", *stream.input_options(),
+        "-map", "0:v:0", "-an", "-c", "copy", "-f", "null", "-",
     ]  # fmt: skip
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)

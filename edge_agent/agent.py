@@ -161,17 +161,12 @@ class Agent:
         cams = [c for c in self.cfg.cameras if self.cfg.camera_video_mode(c) == "auto"]
         if not cams:
             return None
-        rc, ffprobe = self.cfg.recording, self._ffprobe
+        ffprobe, timeout = self._ffprobe, self.cfg.recording.probe_timeout_seconds
 
         def run() -> None:
             for cam in cams:
-                conf = self.cfg.cameras[cam]
                 try:
-                    self.events.put(probe_camera(
-                        ffprobe, cam, conf.url.get_secret_value(), rtsp_transport=conf.rtsp_transport,
-                        rtsp_timeout=rc.rtsp_timeout_seconds, analyzeduration_us=rc.analyzeduration_us,
-                        probesize=rc.probesize, probe_timeout=rc.probe_timeout_seconds,
-                    ))  # fmt: skip
+                    self.events.put(probe_camera(ffprobe, cam, self.cfg.stream_input(cam), timeout))
                 except RecordingError as exc:
                     log.info("camera %s not probed at start-up: %s", cam, self._redact(str(exc)))
 
@@ -443,17 +438,14 @@ class Agent:
 
     def _spec(self, task: Task, mode: Literal["auto", "copy", "transcode"]) -> RecordingSpec:
         rc = self.cfg.recording
-        cam = self.cfg.cameras[task.camera_id]
         assert self._ffmpeg is not None and self._ffprobe is not None
         return RecordingSpec(
-            task_id=task.task_id, camera_id=task.camera_id, url=cam.url.get_secret_value(),
-            rtsp_transport=cam.rtsp_transport, mode=mode, segment_dir=task.segment_dir,
-            output_file=Path(task.local_file), ffmpeg=self._ffmpeg, ffprobe=self._ffprobe,
-            segment_seconds=rc.segment_seconds, first_frame_timeout=rc.first_frame_timeout_seconds,
-            stall_timeout=rc.stall_timeout_seconds, stop_timeout=rc.stop_timeout_seconds,
-            rtsp_timeout=rc.rtsp_timeout_seconds, restart_backoff_max=rc.restart_backoff_max_seconds,
+            task_id=task.task_id, camera_id=task.camera_id, stream=self.cfg.stream_input(task.camera_id),
+            mode=mode, segment_dir=task.segment_dir, output_file=Path(task.local_file), ffmpeg=self._ffmpeg,
+            ffprobe=self._ffprobe, segment_seconds=rc.segment_seconds,
+            first_frame_timeout=rc.first_frame_timeout_seconds, stall_timeout=rc.stall_timeout_seconds,
+            stop_timeout=rc.stop_timeout_seconds, restart_backoff_max=rc.restart_backoff_max_seconds,
             max_restarts=rc.max_restarts, probe_timeout=rc.probe_timeout_seconds, preset=rc.transcode_preset,
-            analyzeduration_us=rc.analyzeduration_us, probesize=rc.probesize,
             stats_period=rc.stats_period_seconds, secrets=self.secrets,
         )  # fmt: skip
 

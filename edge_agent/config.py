@@ -17,6 +17,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from edge_agent import names, redact
 from edge_agent.errors import ConfigError
+from edge_agent.ffmpeg import StreamInput
 
 CAMERA_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 DEVICE_ID_RE = CAMERA_ID_RE
@@ -353,6 +354,13 @@ class AgentConfig(_Model):
     def camera_video_mode(self, camera_id: str) -> VideoMode:
         cam = self.cameras[camera_id]
         return cam.video if cam.video is not None else self.recording.video
+
+    def stream_input(self, camera_id: str) -> StreamInput:
+        """How every FFmpeg and ffprobe reads this camera (the one place the settings are gathered)."""
+        cam, rec = self.cameras[camera_id], self.recording
+        return StreamInput(url=cam.url.get_secret_value(), transport=cam.rtsp_transport,
+                           timeout_s=rec.rtsp_timeout_seconds, analyzeduration_us=rec.analyzeduration_us,
+                           probesize=rec.probesize)  # fmt: skip
 
     def mqtt_client_id(self) -> str:
         """The agent's MQTT client id: `mqtt.client_id`, else the username, else `edge-agent-<device_id>`.

@@ -10,7 +10,7 @@ import os
 import re
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -64,23 +64,36 @@ def ffprobe_next_to(ffmpeg: str) -> str:
     return str(Path(ffmpeg).with_name("ffprobe"))
 
 
-def _input_options(url: str, rtsp_transport: str, rtsp_timeout_s: float) -> list[str]:
-    if url.startswith(("rtsp://", "rtsps://")):
-        # FFmpeg 5: -timeout is the RTSP socket timeout in microseconds (-stimeout is gone).
-        return ["-rtsp_transport", rtsp_transport, "-timeout", str(int(rtsp_timeout_s * 1_000_000))]
-    return []
+@dataclass(frozen=True)
+class StreamInput:
+    """How every FFmpeg and ffprobe of one camera reads it: one value, one name per setting.
+
+    Built from the configuration once (`AgentConfig.stream_input`) and passed whole to probing and
+    recording, so the two never read a camera differently. `url` may hold the camera's password:
+    it is left out of `repr` and must go through `redact` before it is shown.
+    """
+
+    url: str = field(repr=False)
+    transport: str = "tcp"  # RTSP lower transport: tcp or udp
+    timeout_s: float = 10.0  # RTSP socket timeout
+    analyzeduration_us: int = 500000  # FFmpeg -analyzeduration (a faster start)
+    probesize: int = 500000  # FFmpeg -probesize
+
+    def input_options(self) -> list[str]:
+        """Everything before (and including) `-i URL`."""
+        rtsp: list[str] = []
+        if self.url.startswith(("rtsp://", "rtsps://")):
+            # FFmpeg 5: -timeout is the RTSP socket timeout in microseconds (-stimeout is gone).
+            rtsp = ["-rtsp_transport", self.transport, "-timeout", str(int(self.timeout_s * 1_000_000))]
+        return [*rtsp, "-analyzeduration", str(self.analyzeduration_us), "-probesize", str(self.probesize),
+                "-i", self.url]  # fmt: skip
 
 
-def probe_argv(
-    ffprobe: str, url: str, *, rtsp_transport: str, rtsp_timeout_s: float, analyzeduration_us: int,
-    probesize: int,
-) -> list[str]:
+def probe_argv(ffprobe: str, stream: StreamInput) -> list[str]:
     """ffprobe of the first video stream of a camera, as JSON."""
     return [
-        ffprobe, "-v", "error", *_input_options(url, rtsp_transport, rtsp_timeout_s),
-        "-analyzeduration", str(analyzeduration_us), "-probesize", str(probesize),
-        "-select_streams", "v:0", "-show_entries", "stream=codec_name,pix_fmt,width,height",
-        "-of", "json", url,
+        ffprobe, "-v", "error", *stream.input_options(),
+        "-select_streams", "v:0", "-show_entries", "stream=codec_name,pix_fmt,width,height", "-of", "json",
     ]  # fmt: skip
 
 
@@ -128,17 +141,13 @@ def parse_probe(output: str) -> StreamInfo | None:
 
 def record_argv(
     ffmpeg: str,
-    url: str,
+    stream: StreamInput,
     segment_dir: Path,
     *,
     mode: Literal["copy", "transcode"],
-    rtsp_transport: str = "tcp",
-    rtsp_timeout_s: float = 10.0,
     segment_seconds: int = 4,
     start_number: int = 0,
     preset: str = "veryfast",
-    analyzeduration_us: int = 500000,
-    probesize: int = 500000,
     stats_period_s: float = 2.0,
     segment_list_fd: int | None = None,
 ) -> list[str]:
@@ -163,10 +172,7 @@ def record_argv(
         ]  # fmt: skip
     return [
         ffmpeg, "-hide_banner", "-loglevel", "error", "-nostats",
-        "-progress", "pipe:1", "-stats_period", f"{stats_period_s:g}",
-        *_input_options(url, rtsp_transport, rtsp_timeout_s),
-        "-analyzeduration", str(analyzeduration_us), "-probesize", str(probesize),
-        "-i", url,
+        "-progress", "pipe:1", "-stats_period", f"{stats_period_s:g}", *stream.input_options(),
         "-map", "0:v:0", "-an", "-sn", "-dn", *video,
         "-f", "segment", "-segment_time", str(segment_seconds), "-segment_format", "mp4",
         "-segment_format_options", FRAGMENTED_MP4_OPTIONS,

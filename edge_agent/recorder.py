@@ -113,11 +113,7 @@ class Recorder(threading.Thread):
         spec = self.spec
         if spec.mode != "auto":
             return spec.mode
-        probed = probe_camera(
-            spec.ffprobe, spec.camera_id, spec.url, rtsp_transport=spec.rtsp_transport,
-            rtsp_timeout=spec.rtsp_timeout, analyzeduration_us=spec.analyzeduration_us, probesize=spec.probesize,
-            probe_timeout=spec.probe_timeout,
-        )  # fmt: skip
+        probed = probe_camera(spec.ffprobe, spec.camera_id, spec.stream, spec.probe_timeout)
         self._post(probed)
         return probed.mode
 
@@ -160,11 +156,9 @@ class Recorder(threading.Thread):
         spec = self.spec
         seg_r, seg_w = os.pipe()  # FFmpeg reports each closed segment here
         argv = ffmpeg.record_argv(
-            spec.ffmpeg, spec.url, spec.segment_dir, mode=mode, rtsp_transport=spec.rtsp_transport,
-            rtsp_timeout_s=spec.rtsp_timeout, segment_seconds=spec.segment_seconds,
-            start_number=self._next_segment_number(), preset=spec.preset,
-            analyzeduration_us=spec.analyzeduration_us, probesize=spec.probesize,
-            stats_period_s=spec.stats_period, segment_list_fd=seg_w,
+            spec.ffmpeg, spec.stream, spec.segment_dir, mode=mode, segment_seconds=spec.segment_seconds,
+            start_number=self._next_segment_number(), preset=spec.preset, stats_period_s=spec.stats_period,
+            segment_list_fd=seg_w,
         )  # fmt: skip
         try:
             try:
@@ -328,15 +322,9 @@ class Recorder(threading.Thread):
             self._post(finalise_segments(self.spec, known))
 
 
-def probe_camera(
-    ffprobe: str, camera_id: str, url: str, *, rtsp_transport: str, rtsp_timeout: float, analyzeduration_us: int,
-    probesize: int, probe_timeout: float,
-) -> Probed:
+def probe_camera(ffprobe: str, camera_id: str, stream: ffmpeg.StreamInput, probe_timeout: float) -> Probed:
     """ffprobe a camera (bounded) and decide copy vs transcode; RecordingError if it cannot be read."""
-    argv = ffmpeg.probe_argv(
-        ffprobe, url, rtsp_transport=rtsp_transport, rtsp_timeout_s=rtsp_timeout,
-        analyzeduration_us=analyzeduration_us, probesize=probesize,
-    )  # fmt: skip
+    argv = ffmpeg.probe_argv(ffprobe, stream)
     try:
         out = subprocess.run(
             argv, capture_output=True, text=True, timeout=probe_timeout, check=False, stdin=subprocess.DEVNULL,

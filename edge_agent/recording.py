@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from edge_agent.ffmpeg import StreamInput
+
 
 @dataclass(frozen=True)
 class Probed:
@@ -61,8 +63,7 @@ class RecordingSpec:
 
     task_id: str
     camera_id: str
-    url: str
-    rtsp_transport: str
+    stream: StreamInput
     mode: Literal["auto", "copy", "transcode"]
     segment_dir: Path
     output_file: Path
@@ -72,12 +73,9 @@ class RecordingSpec:
     first_frame_timeout: float
     stall_timeout: float
     stop_timeout: float
-    rtsp_timeout: float
     restart_backoff_max: float
     max_restarts: int
     probe_timeout: float
     preset: str
-    analyzeduration_us: int
-    probesize: int
     stats_period: float
     secrets: tuple[str, ...] = field(default=(), repr=False)

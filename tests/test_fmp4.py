@@ -20,6 +20,7 @@ import pytest
 from parts import moov_before_mdat
 
 from edge_agent import ffmpeg, fmp4
+from edge_agent.ffmpeg import StreamInput
 from edge_agent.finalise import finalise_segments
 from edge_agent.recording import RecordingFinished, RecordingSpec
 
@@ -134,11 +135,11 @@ def test_segments_of_another_stream_are_incompatible(tmp_path: Path) -> None:
 
 def _spec(tmp: Path) -> RecordingSpec:
     return RecordingSpec(
-        task_id="cam1/t", camera_id="cam1", url="rtsp://u:p@h/s", rtsp_transport="tcp", mode="copy",
+        task_id="cam1/t", camera_id="cam1", stream=StreamInput("rtsp://u:p@h/s"), mode="copy",
         segment_dir=tmp / ".t.segments", output_file=tmp / "t.mp4", ffmpeg="ffmpeg", ffprobe="ffprobe",
-        segment_seconds=2, first_frame_timeout=5, stall_timeout=5, stop_timeout=5, rtsp_timeout=5,
-        restart_backoff_max=1, max_restarts=1, probe_timeout=15, preset="ultrafast", analyzeduration_us=500000,
-        probesize=500000, stats_period=0.5,
+        segment_seconds=2, first_frame_timeout=5, stall_timeout=5, stop_timeout=5,
+        restart_backoff_max=1, max_restarts=1, probe_timeout=15, preset="ultrafast",
+        stats_period=0.5,
     )  # fmt: skip
 
 

@@ -14,6 +14,7 @@ from edge_agent.errors import FFmpegNotFound
 
 SEG_DIR = Path("/rec/cam1/.t.segments")
 RTSP = "rtsp://admin:pw@192.0.2.10:554/s"
+CAM = ffmpeg.StreamInput(RTSP)
 
 
 def opt(argv: list[str], name: str) -> str:
@@ -26,7 +27,7 @@ def opt(argv: list[str], name: str) -> str:
 
 
 def test_copy_mode_argv() -> None:
-    argv = ffmpeg.record_argv("/usr/bin/ffmpeg", RTSP, SEG_DIR, mode="copy", segment_seconds=6, start_number=7)
+    argv = ffmpeg.record_argv("/usr/bin/ffmpeg", CAM, SEG_DIR, mode="copy", segment_seconds=6, start_number=7)
     assert argv[0] == "/usr/bin/ffmpeg"
     assert opt(argv, "-c:v") == "copy"
     assert "libx264" not in argv
@@ -53,7 +54,7 @@ def test_segment_names() -> None:
 
 
 def test_transcode_mode_argv() -> None:
-    argv = ffmpeg.record_argv("ffmpeg", RTSP, SEG_DIR, mode="transcode", segment_seconds=4, preset="fast")
+    argv = ffmpeg.record_argv("ffmpeg", CAM, SEG_DIR, mode="transcode", segment_seconds=4, preset="fast")
     assert opt(argv, "-c:v") == "libx264"
     assert "copy" not in argv
     assert opt(argv, "-pix_fmt") == "yuv420p"
@@ -65,7 +66,7 @@ def test_transcode_mode_argv() -> None:
 
 
 def test_rtsp_input_options_precede_input() -> None:
-    argv = ffmpeg.record_argv("ffmpeg", RTSP, SEG_DIR, mode="copy", rtsp_transport="udp", rtsp_timeout_s=2.5)
+    argv = ffmpeg.record_argv("ffmpeg", ffmpeg.StreamInput(RTSP, transport="udp", timeout_s=2.5), SEG_DIR, mode="copy")
     assert opt(argv, "-rtsp_transport") == "udp"
     assert opt(argv, "-timeout") == "2500000"  # microseconds
     assert argv.index("-rtsp_transport") < argv.index("-i")
@@ -73,27 +74,39 @@ def test_rtsp_input_options_precede_input() -> None:
 
 
 def test_rtsps_input_gets_rtsp_options() -> None:
-    argv = ffmpeg.record_argv("ffmpeg", "rtsps://cam/s", SEG_DIR, mode="copy", rtsp_timeout_s=10)
+    argv = ffmpeg.record_argv("ffmpeg", ffmpeg.StreamInput("rtsps://cam/s", timeout_s=10), SEG_DIR, mode="copy")
     assert opt(argv, "-timeout") == "10000000"
 
 
 @pytest.mark.parametrize("url", ["/videos/sample.mp4", "http://cam/stream.m3u8", "udp://239.0.0.1:1234"])
 def test_non_rtsp_inputs_have_no_rtsp_options(url: str) -> None:
-    argv = ffmpeg.record_argv("ffmpeg", url, SEG_DIR, mode="copy")
+    argv = ffmpeg.record_argv("ffmpeg", ffmpeg.StreamInput(url), SEG_DIR, mode="copy")
     assert "-rtsp_transport" not in argv
     assert "-timeout" not in argv
     assert opt(argv, "-i") == url
 
 
 def test_probe_argv_rtsp_and_file() -> None:
-    argv = ffmpeg.probe_argv("ffprobe", RTSP, rtsp_transport="tcp", rtsp_timeout_s=1, analyzeduration_us=1,
-                             probesize=64)  # fmt: skip
+    stream = ffmpeg.StreamInput(RTSP, timeout_s=1, analyzeduration_us=1, probesize=64)
+    argv = ffmpeg.probe_argv("ffprobe", stream)
     assert opt(argv, "-timeout") == "1000000"
-    assert argv[-1] == RTSP
+    assert opt(argv, "-i") == RTSP and opt(argv, "-probesize") == "64" and opt(argv, "-analyzeduration") == "1"
     assert opt(argv, "-of") == "json"
-    argv = ffmpeg.probe_argv("ffprobe", "/x.mp4", rtsp_transport="tcp", rtsp_timeout_s=1, analyzeduration_us=1,
-                             probesize=64)  # fmt: skip
+    argv = ffmpeg.probe_argv("ffprobe", ffmpeg.StreamInput("/x.mp4"))
     assert "-rtsp_transport" not in argv
+
+
+def test_probe_and_record_read_a_camera_the_same_way() -> None:
+    """One StreamInput: the probe and the recording get the same input options, in the same order."""
+    stream = ffmpeg.StreamInput(RTSP, transport="udp", timeout_s=3, analyzeduration_us=7, probesize=99)
+    probe = ffmpeg.probe_argv("ffprobe", stream)
+    record = ffmpeg.record_argv("ffmpeg", stream, SEG_DIR, mode="copy")
+    inputs = stream.input_options()
+    assert inputs[-2:] == ["-i", RTSP]
+    for argv in (probe, record):
+        start = argv.index(inputs[0])
+        assert argv[start : start + len(inputs)] == inputs
+    assert RTSP not in repr(stream)  # the URL (and any password in it) stays out of logs
 
 
 # ---- concat ------------------------------------------------------------------------------------
@@ -244,11 +257,11 @@ def test_ffprobe_next_to() -> None:
 
 
 def test_segment_list_goes_to_the_given_fd_as_csv() -> None:
-    argv = ffmpeg.record_argv("ffmpeg", "rtsp://h/s", Path("/tmp/seg"), mode="copy", segment_list_fd=7)
+    argv = ffmpeg.record_argv("ffmpeg", CAM, Path("/tmp/seg"), mode="copy", segment_list_fd=7)
     i = argv.index("-segment_list")
     assert argv[i + 1] == "pipe:7" and argv[argv.index("-segment_list_type") + 1] == "csv"
     assert argv.index("-segment_list") < argv.index(str(Path("/tmp/seg") / ffmpeg.SEGMENT_PATTERN))
-    assert "-segment_list" not in ffmpeg.record_argv("ffmpeg", "rtsp://h/s", Path("/tmp/seg"), mode="copy")
+    assert "-segment_list" not in ffmpeg.record_argv("ffmpeg", CAM, Path("/tmp/seg"), mode="copy")
 
 
 def test_parse_segment_line() -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import fakemp4
 
+from edge_agent.ffmpeg import StreamInput
 from edge_agent.recorder import Recorder
 from edge_agent.recording import (
     Interrupted,
@@ -93,13 +94,12 @@ def spec(tmp: Path, behaviour: str, **overrides: float) -> RecordingSpec:
                                 "restart_backoff_max": 0.2}  # fmt: skip
     values.update(overrides)
     return RecordingSpec(
-        task_id="cam1/t", camera_id="cam1", url=URL, rtsp_transport="tcp", mode="copy",
+        task_id="cam1/t", camera_id="cam1", stream=StreamInput(URL), mode="copy",
         segment_dir=tmp / "rec" / ".t.segments", output_file=tmp / "rec" / "t.mp4",
         ffmpeg=fake_ffmpeg(tmp, behaviour), ffprobe="/nonexistent/ffprobe", segment_seconds=2,
         first_frame_timeout=values["first_frame_timeout"], stall_timeout=values["stall_timeout"],
-        stop_timeout=values["stop_timeout"], rtsp_timeout=5, restart_backoff_max=values["restart_backoff_max"],
-        max_restarts=3, probe_timeout=5, preset="ultrafast", analyzeduration_us=500000, probesize=500000,
-        stats_period=0.1, secrets=(PASSWORD,),
+        stop_timeout=values["stop_timeout"], restart_backoff_max=values["restart_backoff_max"],
+        max_restarts=3, probe_timeout=5, preset="ultrafast", stats_period=0.1, secrets=(PASSWORD,),
     )  # fmt: skip
 
 
