@@ -6,19 +6,21 @@ Measures, as K grows, the time from publishing K `start` commands until every re
     .venv/bin/python bench/bench_fleet.py            # K = 10, 25
     .venv/bin/python bench/bench_fleet.py --full     # K = 10, 50, 100
     .venv/bin/python bench/bench_fleet.py --quick    # K = 5, 10
+
+Each run writes its rows with the commit and machine facts to ``docs/results/fleet_<date-time>.json``
+and ``fleet_latest.json`` (``--results-dir``); ``bench/plot.py`` draws ``docs/img/fleet_latency.png``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-from _common import RESULTS, md_table
+from _common import loadavg, md_table, run_facts, write_docs_results
 from parts import AgentProcess, CameraSim, Mosquitto, MqttProbe, write_config
 
 
@@ -79,7 +81,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--full", action="store_true")
+    ap.add_argument("--results-dir", type=Path, default=None, help="where fleet_*.json go (docs/results)")
     args = ap.parse_args()
+    load_before = loadavg()
+    started = time.monotonic()
     sizes = [5, 10] if args.quick else [10, 50, 100] if args.full else [10, 25]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
@@ -97,8 +102,12 @@ def main() -> None:
         [[r["k"], f"{r['broker_rtt_s']*1000:.1f}", f"{r['publish_all_s']:.2f}", f"{r['all_recording_s']:.2f}",
           f"{r['all_completed_s']:.2f}", r["failed"]] for r in rows],
     ))  # fmt: skip
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "fleet.json").write_text(json.dumps(rows, indent=2))
+    path = write_docs_results("fleet", {
+        "quick": args.quick, "settings": {"sizes": sizes, "camera": "720p25 copy, one shared simulator mount",
+                                          "storage": "local", "broker": "one Mosquitto"},
+        "facts": run_facts(load_before), "elapsed_s": time.monotonic() - started, "rows": rows,
+    }, args.results_dir)  # fmt: skip
+    print(f"results: {path}")
 
 
 if __name__ == "__main__":
