@@ -13,7 +13,7 @@ stopped in an order that rotates between rounds:
     the agent has no child left: the camera probe (``video: auto``), FFmpeg's fragmented-MP4
     segments, the copying join with its sha256, fsync (and the upload), and the agent's Python meanwhile.
 (c) own argv: the agent's FFmpeg work without the agent: ``record_argv`` (the
-    agent's form, default settings), then the agent's copying join (``fmp4.join``). b/c isolates the
+    agent's form, default settings), then the agent's copying join (``fmp4join.join``). b/c isolates the
     Python (progress parsing, MQTT, journal, fsync); b/a is the headline.
 
 CPU is the whole process tree's utime+stime. The agent's: deltas of /proc/<agent>/stat utime+stime
@@ -63,7 +63,7 @@ from _common import (
 from parts import AgentProcess, CameraSim, Mosquitto, MqttProbe, SeaweedS3
 
 from edge_agent import ffmpeg as ff
-from edge_agent import fmp4
+from edge_agent import fmp4join
 from edge_agent.config import CameraConfig, RecordingConfig
 
 DEVICE = "edge-bench"
@@ -107,7 +107,7 @@ class OwnArgv(threading.Thread):
 
     Record with ``record_argv`` until ``stop`` is set (no probe: the agent probes a ``video: auto``
     camera once, at start-up or at its first task, and caches the mode; the warm-up task paid it), send
-    ``q`` as the recorder does, then join the segments as the agent does (``fmp4.join``, on this
+    ``q`` as the recorder does, then join the segments as the agent does (``fmp4join.join``, on this
     thread: its CPU is this thread's rusage; it hashes as it copies).
     """
 
@@ -145,7 +145,7 @@ class OwnArgv(threading.Thread):
             segments = sorted((s for s in segdir.glob(ff.SEGMENT_GLOB) if ff.is_segment(s) and s.stat().st_size),
                               key=ff.segment_number)  # fmt: skip
             before = resource.getrusage(resource.RUSAGE_THREAD)
-            joined = fmp4.join(segments, self.work / "own.mp4")
+            joined = fmp4join.join(segments, self.work / "own.mp4")
             after = resource.getrusage(resource.RUSAGE_THREAD)
             self.cpu["join"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
             self.duration = joined.seconds
@@ -516,7 +516,7 @@ def main() -> None:
         "agent_config": agent_config,
         "sides": {"plain": " ".join(plain_argv("URL", Path("out.mp4"))),
                   "agent": "the agent process, default settings, whole task start -> final status",
-                  "own": "edge_agent.ffmpeg record_argv, then edge_agent.fmp4.join"},
+                  "own": "edge_agent.ffmpeg record_argv, then edge_agent.fmp4join.join"},
         "facts": run_facts(load_before), "elapsed_s": elapsed,
         "rounds": rounds, "per_n": per_n, "old_service": old,
     }, args.results_dir)  # fmt: skip

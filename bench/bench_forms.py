@@ -6,7 +6,7 @@ FFmpeg processes of every form:
 
 - ``current``: exactly ``edge_agent.ffmpeg.record_argv(mode="copy")`` with the default settings
   (fragmented-MP4 segments of 4 s, a fragment at least every second flushed as written, ``-progress``
-  every ``recording.stats_period_seconds``), joined by ``edge_agent.fmp4.join``;
+  every ``recording.stats_period_seconds``), joined by ``edge_agent.fmp4join.join``;
 - ``stats0.5``: the same with ``-stats_period 0.5`` (the earlier default);
 - ``mpegts``: the form before it: MPEG-TS segments with every packet flushed (``flush_packets=1``),
   ``-stats_period 0.5``, joined by FFmpeg's concat (``concat_argv``: a remux into a faststart MP4);
@@ -67,7 +67,7 @@ from _common import (
 from parts import CameraSim
 
 from edge_agent import ffmpeg as ff
-from edge_agent import fmp4
+from edge_agent import fmp4join
 from edge_agent.config import RecordingConfig
 
 FPS = 25
@@ -298,7 +298,7 @@ def join_form(r: Recorder, work: Path) -> dict[str, Any]:
             return {"join_cpu_s": cpu, "join_exit_code": code, "joined_s": 0.0}
     else:  # the agent's own join
         t0 = thread_cpu()
-        fmp4.join([f for f in files if f.stat().st_size > 0], joined)
+        fmp4join.join([f for f in files if f.stat().st_size > 0], joined)
         cpu = thread_cpu() - t0
     n = count_packets(joined)
     return {"join_cpu_s": cpu, "join_exit_code": 0 if n else 1, "joined_s": (n or 0) / FPS}

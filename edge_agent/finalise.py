@@ -18,7 +18,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from edge_agent import durable, ffmpeg, fmp4
+from edge_agent import durable, ffmpeg, fmp4, fmp4join
 from edge_agent.recording import RecordingFailed, RecordingFinished, RecordingSpec
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def _join_fragments(
 ) -> RecordingFinished | RecordingFailed:
     """The copying join (`edge_agent.fmp4`): every complete fragment of every segment, in order."""
     try:
-        joined = fmp4.join(segments, part)
+        joined = fmp4join.join(segments, part)
     except fmp4.Incompatible:
         raise
     except fmp4.Mp4Error as exc:

@@ -1,31 +1,17 @@
-"""Join fragmented-MP4 segments into one MP4 by copying their fragments: no FFmpeg, no remux.
+"""Fragmented-MP4 segments read box by box: what each holds, and where a cut-off file stops making sense.
 
 The recorder has FFmpeg's segment muxer write every segment as a fragmented MP4 (`ftyp`, an empty
 `moov`, then a `moof`+`mdat` pair about every second, then `mfra`). Each fragment is flushed to
-the file as it is written, so a killed FFmpeg leaves every fragment but the one in progress. A
-segment's fragments count their decode times from 0 and number themselves from 1, because every
-segment is a muxer of its own. Joining them is a copy:
-
-    ftyp + moov of the first segment (with the total duration: mvhd, tkhd, mvex/mehd)
-    + every complete moof+mdat of every segment, in order, with its `mfhd` sequence number and
-      `tfdt` decode time rewritten to run on from the fragment before (the bytes keep their size)
-    + an `mfra` index of the fragments that start with a keyframe (for seeking)
-
-`moov` comes first, so the file plays while it downloads, as `+faststart` does for a plain MP4. This
-replaced an FFmpeg concat (a remux of every packet plus a `+faststart` second pass and an ffprobe):
-0.24 CPU-s per minute of 1080p, most of what recording it costs, against 0.02 for the copy with its
-sha256 (`bench/bench_forms.py`, docs/results/forms_20261206-160406.json).
+the file as it is written, so a killed FFmpeg leaves every fragment but the one in progress.
 
 The reader is strict about what it keeps and tolerant of where a file ends: a segment is read box
 by box and the scan stops at the first box that is cut short or does not add up (a `trun` pointing
-past its `mdat`), keeping every fragment before it. Segments whose tracks differ (a camera that
-came back with another resolution) cannot be joined by copying: `Incompatible` tells the caller to
-fall back to FFmpeg's concat. Pure functions over files; nothing here starts a process.
+past its `mdat`), keeping every fragment before it. Joining the fragments of several segments into
+one MP4 is `edge_agent.fmp4join`. Pure functions over files; nothing here starts a process.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 from collections.abc import Iterator
@@ -35,7 +21,6 @@ from typing import BinaryIO
 
 CODECS = {b"avc1": "h264", b"avc3": "h264", b"hvc1": "hevc", b"hev1": "hevc", b"mp4v": "mpeg4"}
 MAX_HEADER_BOX_BYTES = 16 * 1024 * 1024  # a moov or moof is a few KB; more is not ours
-COPY_CHUNK = 1024 * 1024
 NON_SYNC_SAMPLE = 0x00010000  # sample_is_non_sync_sample in the sample flags
 
 # tfhd flags
@@ -117,22 +102,6 @@ class Segment:
         return self.duration / self.track.timescale
 
 
-@dataclass(frozen=True)
-class Joined:
-    """The result of a join: what the MP4 holds and what was left out."""
-
-    path: Path
-    size: int
-    sha256: str
-    seconds: float
-    codec: str
-    width: int
-    height: int
-    fragments: int
-    unusable: tuple[str, ...]  # segment names with no usable fragment (set aside by the caller)
-    damaged: tuple[tuple[str, str], ...]  # (segment name, why its reading stopped early)
-
-
 # ---- boxes -------------------------------------------------------------------------------------
 
 
@@ -164,7 +133,7 @@ def boxes(data: bytes, start: int = 0, end: int | None = None) -> Iterator[tuple
         pos = stop
 
 
-def _child(data: bytes, start: int, end: int, kind: bytes) -> tuple[int, int]:
+def child(data: bytes, start: int, end: int, kind: bytes) -> tuple[int, int]:
     for k, body, stop in boxes(data, start, end):
         if k == kind:
             return body, stop
@@ -173,7 +142,7 @@ def _child(data: bytes, start: int, end: int, kind: bytes) -> tuple[int, int]:
 
 def _path(data: bytes, start: int, end: int, *kinds: bytes) -> tuple[int, int]:
     for kind in kinds:
-        start, end = _child(data, start, end, kind)
+        start, end = child(data, start, end, kind)
     return start, end
 
 
@@ -181,11 +150,11 @@ def box(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I4s", 8 + len(body), kind) + body
 
 
-def _u32(data: bytes, pos: int) -> int:
+def u32(data: bytes, pos: int) -> int:
     return int(struct.unpack_from(">I", data, pos)[0])
 
 
-def _u64(data: bytes, pos: int) -> int:
+def u64(data: bytes, pos: int) -> int:
     return int(struct.unpack_from(">Q", data, pos)[0])
 
 
@@ -194,8 +163,8 @@ def _u64(data: bytes, pos: int) -> int:
 
 def read_track(moov: bytes) -> Track:
     """The video track of a fragmented `moov` body; Mp4Error if there is none or it is not fragmented."""
-    mvhd, _ = _child(moov, 0, len(moov), b"mvhd")
-    movie_timescale = _u32(moov, mvhd + (20 if moov[mvhd] == 1 else 12))
+    mvhd, _ = child(moov, 0, len(moov), b"mvhd")
+    movie_timescale = u32(moov, mvhd + (20 if moov[mvhd] == 1 else 12))
     tracks = []
     for kind, body, stop in boxes(moov):
         if kind == b"trak":
@@ -205,21 +174,21 @@ def read_track(moov: bytes) -> Track:
     if len(tracks) != 1:
         raise Mp4Error(f"{len(tracks)} video tracks (one expected)")
     body, stop = tracks[0]
-    tkhd, _ = _child(moov, body, stop, b"tkhd")
-    track_id = _u32(moov, tkhd + (20 if moov[tkhd] == 1 else 12))
+    tkhd, _ = child(moov, body, stop, b"tkhd")
+    track_id = u32(moov, tkhd + (20 if moov[tkhd] == 1 else 12))
     mdhd, _ = _path(moov, body, stop, b"mdia", b"mdhd")
-    timescale = _u32(moov, mdhd + (20 if moov[mdhd] == 1 else 12))
+    timescale = u32(moov, mdhd + (20 if moov[mdhd] == 1 else 12))
     stsd, stsd_end = _path(moov, body, stop, b"mdia", b"minf", b"stbl", b"stsd")
-    if stsd_end - stsd < 8 + 36 or _u32(moov, stsd + 4) < 1:
+    if stsd_end - stsd < 8 + 36 or u32(moov, stsd + 4) < 1:
         raise Mp4Error("video track without a sample description")
     entry = stsd + 8  # full box header (4) + entry count (4)
     fourcc = moov[entry + 4 : entry + 8]
     width, height = struct.unpack_from(">HH", moov, entry + 32)
-    mvex, mvex_end = _child(moov, 0, len(moov), b"mvex")
+    mvex, mvex_end = child(moov, 0, len(moov), b"mvex")
     defaults = (0, 0, 0)
     for kind, trex, _ in boxes(moov, mvex, mvex_end):
-        if kind == b"trex" and _u32(moov, trex + 4) == track_id:
-            defaults = (_u32(moov, trex + 12), _u32(moov, trex + 16), _u32(moov, trex + 20))
+        if kind == b"trex" and u32(moov, trex + 4) == track_id:
+            defaults = (u32(moov, trex + 12), u32(moov, trex + 16), u32(moov, trex + 20))
     if timescale == 0 or movie_timescale == 0:
         raise Mp4Error("a zero timescale")
     return Track(track_id, timescale, movie_timescale, CODECS.get(fourcc, fourcc.decode("latin-1").strip()),
@@ -240,33 +209,33 @@ class _Traf:
 
 def _read_traf(moof: bytes, start: int, end: int, track: Track) -> _Traf:
     """The one track fragment of a moof: its timing, its first sample's sync flag and its data span."""
-    tfhd, _ = _child(moof, start, end, b"tfhd")
-    flags = _u32(moof, tfhd) & 0xFFFFFF
-    if _u32(moof, tfhd + 4) != track.track_id:
+    tfhd, _ = child(moof, start, end, b"tfhd")
+    flags = u32(moof, tfhd) & 0xFFFFFF
+    if u32(moof, tfhd + 4) != track.track_id:
         raise Mp4Error("a fragment of another track")
     if flags & TFHD_BASE_DATA_OFFSET:
         raise Mp4Error("a fragment with an absolute base data offset (cannot be moved)")
     pos = tfhd + 8 + (4 if flags & TFHD_SAMPLE_DESCRIPTION_INDEX else 0)
     duration, size, sample_flags = track.default_duration, track.default_size, track.default_flags
     if flags & TFHD_DEFAULT_DURATION:
-        duration, pos = _u32(moof, pos), pos + 4
+        duration, pos = u32(moof, pos), pos + 4
     if flags & TFHD_DEFAULT_SIZE:
-        size, pos = _u32(moof, pos), pos + 4
+        size, pos = u32(moof, pos), pos + 4
     if flags & TFHD_DEFAULT_FLAGS:
-        sample_flags = _u32(moof, pos)
-    tfdt, _ = _child(moof, start, end, b"tfdt")
+        sample_flags = u32(moof, pos)
+    tfdt, _ = child(moof, start, end, b"tfdt")
     version = moof[tfdt]
-    decode_time = _u64(moof, tfdt + 4) if version == 1 else _u32(moof, tfdt + 4)
-    trun, trun_end = _child(moof, start, end, b"trun")
-    tflags = _u32(moof, trun) & 0xFFFFFF
-    count = _u32(moof, trun + 4)
+    decode_time = u64(moof, tfdt + 4) if version == 1 else u32(moof, tfdt + 4)
+    trun, trun_end = child(moof, start, end, b"trun")
+    tflags = u32(moof, trun) & 0xFFFFFF
+    count = u32(moof, trun + 4)
     pos = trun + 8
     data_offset = 0
     if tflags & TRUN_DATA_OFFSET:
         data_offset, pos = struct.unpack_from(">i", moof, pos)[0], pos + 4
     first_flags = None
     if tflags & TRUN_FIRST_SAMPLE_FLAGS:
-        first_flags, pos = _u32(moof, pos), pos + 4
+        first_flags, pos = u32(moof, pos), pos + 4
     per_sample = 4 * sum(1 for bit in (TRUN_DURATION, TRUN_SIZE, TRUN_FLAGS, TRUN_CTO) if tflags & bit)
     if pos + count * per_sample > trun_end:
         raise Mp4Error("a trun shorter than its sample count")
@@ -277,11 +246,11 @@ def _read_traf(moof: bytes, start: int, end: int, track: Track) -> _Traf:
     for i in range(count):
         d, s, f = duration, size, sample_flags
         if tflags & TRUN_DURATION:
-            d, pos = _u32(moof, pos), pos + 4
+            d, pos = u32(moof, pos), pos + 4
         if tflags & TRUN_SIZE:
-            s, pos = _u32(moof, pos), pos + 4
+            s, pos = u32(moof, pos), pos + 4
         if tflags & TRUN_FLAGS:
-            f, pos = _u32(moof, pos), pos + 4
+            f, pos = u32(moof, pos), pos + 4
         if tflags & TRUN_CTO:
             pos += 4
         if i == 0:
@@ -297,7 +266,7 @@ def read_segment(path: Path) -> Segment:
         size = f.seek(0, os.SEEK_END)
         ftyp, pos = _read_box(f, 0, size, b"ftyp")
         moov_box, pos = _read_box(f, pos, size, b"moov")
-        moov = moov_box[_header_len(moov_box) :]
+        moov = moov_box[header_len(moov_box) :]
         track = read_track(moov)
         fragments: list[Fragment] = []
         damage: str | None = None
@@ -322,8 +291,8 @@ def read_segment(path: Path) -> Segment:
 
 
 def _fragment(moof: bytes, moof_at: int, mdat_at: int, mdat_size: int, track: Track) -> Fragment:
-    body = _header_len(moof)
-    mfhd, _ = _child(moof, body, len(moof), b"mfhd")
+    body = header_len(moof)
+    mfhd, _ = child(moof, body, len(moof), b"mfhd")
     trafs = [(b, e) for k, b, e in boxes(moof, body, len(moof)) if k == b"traf"]
     if len(trafs) != 1:
         raise Mp4Error(f"a moof with {len(trafs)} track fragments (one expected)")
@@ -335,8 +304,8 @@ def _fragment(moof: bytes, moof_at: int, mdat_at: int, mdat_size: int, track: Tr
                     mfhd + 4, traf.tfdt_at, traf.tfdt_version)  # fmt: skip
 
 
-def _header_len(data: bytes) -> int:
-    return 16 if _u32(data, 0) == 1 else 8
+def header_len(data: bytes) -> int:
+    return 16 if u32(data, 0) == 1 else 8
 
 
 def _peek(f: BinaryIO, pos: int, file_size: int) -> tuple[bytes, int]:
@@ -350,7 +319,7 @@ def _peek(f: BinaryIO, pos: int, file_size: int) -> tuple[bytes, int]:
     if size == 1:
         if len(header) < 16:
             raise Mp4Error(f"truncated large box header at byte {pos}")
-        size, smallest = _u64(header, 8), 16
+        size, smallest = u64(header, 8), 16
     elif size == 0:  # "to the end of the file"
         size = file_size - pos
     if size < smallest:
@@ -371,143 +340,6 @@ def _read_box(f: BinaryIO, pos: int, file_size: int, kind: bytes) -> tuple[bytes
         raise Mp4Error(f"a {kind.decode('latin-1')} of {size} bytes is implausibly large")
     f.seek(pos)
     return f.read(size), pos + size
-
-
-# ---- writing the joined file -------------------------------------------------------------------
-
-
-def _patched_moov(moov_box: bytes, track: Track, duration: int) -> bytes:
-    """`moov` with the total duration in mvhd, the video tkhd and a fresh mvex/mehd (movie timescale)."""
-    movie = duration * track.movie_timescale // track.timescale
-    body = bytearray(moov_box[_header_len(moov_box) :])
-    out = bytearray()
-    for kind, start, stop in boxes(bytes(body)):
-        child = bytearray(body[start:stop])
-        if kind == b"mvhd":
-            _write_duration(child, 24 if child[0] == 1 else 16, child[0], movie)
-        elif kind == b"trak":
-            child = bytearray(_patched_trak(bytes(child), track.track_id, movie))
-        elif kind == b"mvex":
-            kept = b"".join(box(k, bytes(child[b:e])) for k, b, e in boxes(bytes(child)) if k != b"mehd")
-            child = bytearray(box(b"mehd", struct.pack(">IQ", 1 << 24, movie)) + kept)
-        out += box(kind, bytes(child))
-    return box(b"moov", bytes(out))
-
-
-def _write_duration(child: bytearray, at: int, version: int, value: int) -> None:
-    """Write a header box's duration field (64-bit in version 1 boxes, 32-bit otherwise)."""
-    if len(child) < at + (8 if version == 1 else 4):
-        raise Mp4Error("a header box too short for its duration")
-    if version == 1:
-        struct.pack_into(">Q", child, at, value)
-    else:
-        struct.pack_into(">I", child, at, min(value, 0xFFFFFFFF))
-
-
-def _patched_trak(trak: bytes, track_id: int, movie_duration: int) -> bytes:
-    tkhd, _ = _child(trak, 0, len(trak), b"tkhd")
-    if _u32(trak, tkhd + (20 if trak[tkhd] == 1 else 12)) != track_id:
-        return trak
-    patched = bytearray(trak)
-    at = tkhd + (28 if trak[tkhd] == 1 else 20)
-    _write_duration(patched, at, trak[tkhd], movie_duration)
-    return bytes(patched)
-
-
-def _mfra(track_id: int, index: list[tuple[int, int]]) -> bytes:
-    """A movie fragment random access box: (decode time, moof offset) of each keyframe fragment."""
-    entries = b"".join(struct.pack(">QQBBB", t, offset, 1, 1, 1) for t, offset in index)
-    tfra = box(b"tfra", struct.pack(">IIII", 1 << 24, track_id, 0, len(index)) + entries)
-    mfro_size = 8 + len(tfra) + 16
-    return box(b"mfra", tfra + box(b"mfro", struct.pack(">II", 0, mfro_size)))
-
-
-class _HashingWriter:
-    def __init__(self, f: BinaryIO) -> None:
-        self.f = f
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> None:
-        self.f.write(data)
-        self.sha.update(data)
-        self.size += len(data)
-
-
-def join(paths: list[Path], output: Path) -> Joined:
-    """Join the segments at `paths` (in order) into `output`; Incompatible if their tracks differ.
-
-    Segments with no usable fragment are left out and named in `unusable`; a segment whose reading
-    stopped early (a cut-off tail) gives what it has and is named in `damaged`. Mp4Error when no
-    segment has a fragment. `output` is written but not fsynced (the caller owns durability).
-    """
-    segments: list[Segment] = []
-    unusable: list[str] = []
-    damaged: list[tuple[str, str]] = []
-    for path in paths:
-        try:
-            seg = read_segment(path)
-        except (Mp4Error, struct.error) as exc:
-            unusable.append(path.name)
-            damaged.append((path.name, str(exc)))
-            continue
-        if seg.damage:
-            damaged.append((path.name, seg.damage))
-        if not seg.fragments:
-            unusable.append(path.name)
-            continue
-        segments.append(seg)
-    if not segments:
-        raise Mp4Error("no segment holds a complete fragment")
-    first = segments[0].track
-    for seg in segments[1:]:
-        if (seg.track.timescale, seg.track.sample_entry, seg.track.track_id) != (
-            first.timescale, first.sample_entry, first.track_id,
-        ):  # fmt: skip
-            raise Incompatible(f"{seg.path.name} holds another stream ({seg.track.codec} "
-                               f"{seg.track.width}x{seg.track.height}) than {segments[0].path.name}")  # fmt: skip
-    total = sum(seg.duration for seg in segments)
-    index: list[tuple[int, int]] = []
-    sequence = 0
-    base = 0
-    with output.open("wb") as f:
-        out = _HashingWriter(f)
-        out.write(segments[0].ftyp)
-        out.write(_patched_moov(segments[0].moov, first, total))
-        for seg in segments:
-            with seg.path.open("rb") as src:
-                start = seg.fragments[0].decode_time
-                for frag in seg.fragments:
-                    sequence += 1
-                    decode_time = base + frag.decode_time - start
-                    moof = bytearray(frag.moof)
-                    struct.pack_into(">I", moof, frag.mfhd_at, sequence)
-                    if frag.tfdt_version == 1:
-                        struct.pack_into(">Q", moof, frag.tfdt_at, decode_time)
-                    elif decode_time <= 0xFFFFFFFF:
-                        struct.pack_into(">I", moof, frag.tfdt_at, decode_time)
-                    else:
-                        raise Incompatible("a 32-bit fragment decode time overflows in the joined file")
-                    if frag.keyframe:
-                        index.append((decode_time, out.size))
-                    out.write(bytes(moof))
-                    _copy(src, frag.mdat_offset, frag.mdat_size, out)
-            base += seg.duration
-        out.write(_mfra(first.track_id, index))
-        size, digest = out.size, out.sha.hexdigest()
-    return Joined(output, size, digest, total / first.timescale, first.codec, first.width, first.height,
-                  sequence, tuple(unusable), tuple(damaged))  # fmt: skip
-
-
-def _copy(src: BinaryIO, offset: int, size: int, out: _HashingWriter) -> None:
-    src.seek(offset)
-    left = size
-    while left:
-        chunk = src.read(min(COPY_CHUNK, left))
-        if not chunk:
-            raise Mp4Error(f"{src.name} ended while copying its mdat")  # the file shrank under us
-        out.write(chunk)
-        left -= len(chunk)
 
 
 def segment_seconds(path: Path) -> float:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from parts import moov_before_mdat
 
-from edge_agent import ffmpeg, fmp4
+from edge_agent import ffmpeg, fmp4, fmp4join
 from edge_agent.ffmpeg import StreamInput
 from edge_agent.finalise import finalise_segments
 from edge_agent.recording import RecordingFinished, RecordingSpec
@@ -73,7 +73,7 @@ def dts_steps(path: Path) -> Counter[int]:
 def test_join_keeps_every_frame_with_continuous_timestamps(tmp_path: Path) -> None:
     segments = record(tmp_path / "segs", 10)
     assert len(segments) == 5
-    joined = fmp4.join(segments, tmp_path / "out.mp4")
+    joined = fmp4join.join(segments, tmp_path / "out.mp4")
     info = probe(joined.path)
     assert info["packets"] == 10 * FPS  # every frame of every segment
     assert (info["codec"], info["width"], info["height"]) == ("h264", 320, 240)
@@ -104,7 +104,7 @@ def test_a_segment_cut_short_keeps_its_complete_fragments(tmp_path: Path) -> Non
     last.write_bytes(last.read_bytes()[: second.mdat_offset + second.mdat_size // 2])
     cut = fmp4.read_segment(last)
     assert len(cut.fragments) == 1 and cut.damage is not None and "cut short" in cut.damage
-    joined = fmp4.join(segments, tmp_path / "out.mp4")
+    joined = fmp4join.join(segments, tmp_path / "out.mp4")
     assert joined.damaged and joined.damaged[0][0] == last.name
     kept = 4 * FPS + whole.fragments[0].samples
     assert probe(joined.path)["packets"] == kept
@@ -116,21 +116,21 @@ def test_unreadable_segments_are_left_out_and_named(tmp_path: Path) -> None:
     segments = record(tmp_path / "segs", 8)
     segments[1].write_bytes(bytes(range(256)) * 100)  # not an MP4 at all
     segments[2].write_bytes(segments[2].read_bytes()[:700])  # header only: no complete fragment
-    joined = fmp4.join(segments, tmp_path / "out.mp4")
+    joined = fmp4join.join(segments, tmp_path / "out.mp4")
     assert set(joined.unusable) == {segments[1].name, segments[2].name}
     assert probe(joined.path)["packets"] == 4 * FPS
     steps = dts_steps(joined.path)
     assert len(steps) == 1, steps  # the gap the missing segments leave is closed, as a concat would
     assert decode_errors(joined.path) == ""
     with pytest.raises(fmp4.Mp4Error, match="no segment holds a complete fragment"):
-        fmp4.join(segments[1:3], tmp_path / "none.mp4")
+        fmp4join.join(segments[1:3], tmp_path / "none.mp4")
 
 
 def test_segments_of_another_stream_are_incompatible(tmp_path: Path) -> None:
     a = record(tmp_path / "segs", 4)
     b = record(tmp_path / "other", 2, size="352x288", first=2)  # the camera came back at another size
     with pytest.raises(fmp4.Incompatible, match="352x288"):
-        fmp4.join([*a, *b], tmp_path / "out.mp4")
+        fmp4join.join([*a, *b], tmp_path / "out.mp4")
 
 
 def _spec(tmp: Path) -> RecordingSpec:
