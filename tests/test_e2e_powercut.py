@@ -28,7 +28,7 @@ Asserted at every cut:
 
 `EDGE_POWERCUT_ROUNDS` (default 2) rounds of the three cuts; `EDGE_POWERCUT_SEED` replays the
 random recording lengths and delays and which variant each round uses. The loss per cut point is
-printed and written to `powercut-summary.json` in the test's tmp dir.
+printed and written to `powercut-summary.json` in the test's tmp dir (and to `EDGE_POWERCUT_REPORT`, if set).
 """
 
 from __future__ import annotations
@@ -378,9 +378,12 @@ def test_power_cuts_lose_at_most_the_segment_being_written(
             cut_and_recover("upload", rnd, task, "upload", began, ended)
     finally:
         summary = summarise(results)
-        (tmp_path / "powercut-summary.json").write_text(json.dumps(
-            {"seed": SEED, "rounds": ROUNDS, "segment_seconds": SEGMENT_SECONDS, "margin_seconds": MARGIN_SECONDS,
-             "per_point": summary, "cuts": [asdict(r) for r in results]}, indent=2))  # fmt: skip
+        text = json.dumps({"seed": SEED, "rounds": ROUNDS, "segment_seconds": SEGMENT_SECONDS,
+                           "margin_seconds": MARGIN_SECONDS, "per_point": summary,
+                           "cuts": [asdict(r) for r in results]}, indent=2)  # fmt: skip
+        (tmp_path / "powercut-summary.json").write_text(text)
+        if os.environ.get("EDGE_POWERCUT_REPORT"):  # a copy that outlives pytest's tmp dirs
+            Path(os.environ["EDGE_POWERCUT_REPORT"]).write_text(text)
         print(f"power-cut summary ({len(results)} cuts, seed {SEED}): {tmp_path / 'powercut-summary.json'}")
         for point, row in summary.items():
             print(f"  {point:9s} cuts {row['cuts']:3d}  loss s: min {row['loss_min']:+.2f} median "
