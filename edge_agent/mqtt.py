@@ -36,86 +36,13 @@ from edge_agent.events import (  # re-exported: the link's events
 )
 from edge_agent.limits import InboundGate
 from edge_agent.mqttclient import UNINFORMATIVE_ERRORS, DiagnosingClient, describe_connect_error, new_client
+from edge_agent.outbox import INPUT_REASONS, PACKET_OVERHEAD, Outbox, PoisonGuard
 from edge_agent.topics import Topics
 
 log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-PACKET_OVERHEAD = 4096  # fixed header, topic and v5 properties on top of a command's payload
-# v5 DISCONNECT reasons that blame what we sent: malformed packet, protocol error, not authorized,
-# topic name invalid, packet too large, payload format invalid.
-INPUT_REASONS = frozenset({0x81, 0x82, 0x87, 0x90, 0x95, 0x99})
-POISON_STRIKES = 3  # quick disconnects with the same message outstanding before it is dropped
-QUICK_SECONDS = 15.0
-
-
-class Outbox:
-    """Bookkeeping of what the link publishes: messages in flight, retained values waiting for room,
-    and counters. `lock` serialises the agent's publishes; `_mids_lock` (in-flight table) is the only
-    lock taken on paho's network thread, and never while holding paho's own lock in the other order.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.lock = threading.RLock()
-        self._mids_lock = threading.Lock()
-        self._inflight: dict[int, tuple[str, float, int]] = {}  # mid -> (topic, sent at, packet bytes)
-        self.max_acked = 0  # largest packet the broker has acknowledged
-        self._held: dict[str, bytes] = {}  # topic -> newest retained payload not yet handed to paho
-        self._counters = {"publishes_refused": 0, "publishes_dropped": 0, "publishes_poisoned": 0,
-                          "retained_coalesced": 0}  # fmt: skip
-        self.ready_posted = False
-
-    def count(self, key: str, n: int = 1) -> None:
-        self._counters[key] += n
-
-    def stats(self) -> dict[str, int]:
-        out = dict(self._counters)
-        out["retained_waiting"] = len(self._held)
-        return out
-
-    def holds(self, topic: str) -> bool:
-        return topic in self._held
-
-    def hold(self, topic: str, payload: bytes) -> None:
-        if topic in self._held:
-            self._counters["retained_coalesced"] += 1
-        self._held[topic] = payload
-
-    def has_held(self) -> bool:
-        return bool(self._held)
-
-    def take_held(self, n: int) -> list[tuple[str, bytes]]:
-        with self.lock:
-            topics = list(self._held)[: max(0, n)]
-            return [(t, self._held.pop(t)) for t in topics]
-
-    def sent(self, mid: int, topic: str, size: int) -> None:
-        with self._mids_lock:
-            self._inflight[mid] = (topic, time.monotonic(), size)
-
-    def done(self, mid: int) -> int:
-        """Called on paho's thread when `mid` is acknowledged; returns how many remain in flight."""
-        with self._mids_lock:
-            entry = self._inflight.pop(mid, None)
-            if entry is not None:
-                self.max_acked = max(self.max_acked, entry[2])
-            return len(self._inflight)
-
-    def room(self) -> int:
-        with self._mids_lock:
-            return max(0, self.capacity // 2 - len(self._inflight))
-
-    def outstanding(self) -> dict[int, tuple[str, float, int]]:
-        with self._mids_lock:
-            return dict(self._inflight)
-
-    def forget(self, mid: int) -> None:
-        with self._mids_lock:
-            self._inflight.pop(mid, None)
 
 
 def catch_log_exception(func: Callable[P, None]) -> Callable[P, None]:
@@ -150,11 +77,8 @@ class MqttLink:
         self._outbox = Outbox(cfg.outbound_queue)
         self._broker_max_packet: int | None = None
         self._connected_at = time.monotonic()
-        self._strikes: dict[int, int] = {}  # mid -> quick disconnects while it was the oldest in flight
+        self._poison = PoisonGuard()  # strikes per message in flight, the packet size a 3.1.1 broker refused
         self._got_connack = False  # this connection was accepted (CONNACK), whatever happened after
-        # A 3.1.1 broker cannot announce its packet limit: learnt from a dropped message that was
-        # bigger than anything the broker ever acknowledged.
-        self._learned_max_packet: int | None = None
         # bounded: paho's default is unlimited; Outbox keeps the newest retained status of a topic
         # that did not fit and publishes it when there is room again.
         self._client.max_queued_messages_set(cfg.outbound_queue)
@@ -255,11 +179,11 @@ class MqttLink:
         """
         problem = names.topic_problem(topic)
         size = len(topic.encode("utf-8", "surrogatepass")) + len(payload) + 16
-        limit = self._broker_max_packet
+        limit, learned = self._broker_max_packet, self._poison.learned_max_packet
         if problem is None and limit is not None and size > limit:
             problem = f"{size} bytes exceed the broker's maximum packet size of {limit}"
-        elif problem is None and self._learned_max_packet is not None and size >= self._learned_max_packet:
-            problem = f"{size} bytes: the broker dropped us for a {self._learned_max_packet}-byte packet before"
+        elif problem is None and learned is not None and size >= learned:
+            problem = f"{size} bytes: the broker dropped us for a {learned}-byte packet before"
         if problem is not None:
             self._outbox.count("publishes_refused")
             log.error("not publishing on %r: %s", topic[:200], problem)
@@ -444,21 +368,14 @@ class MqttLink:
                     outstanding[mid] = (msg._topic.decode("utf-8", "replace"), msg.timestamp, size)
         lived = time.monotonic() - self._connected_at
         blamed = reason_code.value in INPUT_REASONS and reason_code.packetType == PacketTypes.DISCONNECT
-        if not outstanding or (lived > QUICK_SECONDS and not blamed):
-            self._strikes.clear()
+        verdict = self._poison.judge(outstanding, lived, blamed)
+        if verdict is None:
             return
-        # Every message still in flight gets a strike; one that was acknowledged in between is cleared.
-        self._strikes = {mid: self._strikes.get(mid, 0) + 1 for mid in outstanding}
-        struck = [m for m, n in self._strikes.items() if blamed or n >= POISON_STRIKES]
-        if not struck:
-            return
-        mid = min(struck, key=lambda m: outstanding[m][1])  # the oldest of them
+        mid, strikes = verdict
         topic, _, size = outstanding[mid]
-        strikes = self._strikes.pop(mid)
         client.drop_before_reconnect = (client.drop_before_reconnect or set()) | {mid}
         self._outbox.forget(mid)
-        if size > self._outbox.max_acked:
-            self._learned_max_packet = min(size, self._learned_max_packet or size)
+        self._poison.dropped(size, self._outbox.max_acked)
         self._outbox.count("publishes_poisoned")
         log.error("dropped the message on %r (%d bytes): the broker closed the connection while it was in flight "
                   "(%s, %d time(s))", topic[:200], size, reason_code, strikes)  # fmt: skip

@@ -19,7 +19,7 @@ import yaml
 from parts import Mosquitto, MqttProbe
 from rig import make_rig
 
-from edge_agent.mqtt import POISON_STRIKES
+from edge_agent.outbox import POISON_STRIKES
 
 pytestmark = pytest.mark.integration
 

@@ -39,3 +39,32 @@ def test_cluster_nodes_are_tried_in_turn() -> None:
         link._next_endpoint()
         seen.append((link._client._host, link._client._port))
     assert seen == [("10.0.0.2", 1884), ("10.0.0.3", 1885), ("10.0.0.1", 1883), ("10.0.0.2", 1884)]
+
+
+# ---- which publish to drop (edge_agent.outbox.PoisonGuard) ------------------------------------------
+
+
+def test_poison_guard_drops_the_oldest_message_after_repeated_quick_disconnects() -> None:
+    from edge_agent.outbox import POISON_STRIKES, QUICK_SECONDS, PoisonGuard
+
+    guard = PoisonGuard()
+    inflight = {7: ("edge/d1/cam1/reply", 10.0, 300), 9: ("edge/d1/cam1/status", 5.0, 200)}
+    for _ in range(POISON_STRIKES - 1):
+        assert guard.judge(inflight, lived=1.0, blamed=False) is None  # not yet
+    assert guard.judge(inflight, lived=1.0, blamed=False) == (9, POISON_STRIKES)  # the oldest one
+    assert 9 not in guard.strikes and guard.strikes[7] == POISON_STRIKES  # the other keeps its strikes
+    # A connection that lived long is no evidence against anything in flight: strikes are forgotten.
+    assert guard.judge({7: inflight[7]}, lived=QUICK_SECONDS + 1, blamed=False) is None
+    assert guard.strikes == {}
+
+
+def test_poison_guard_judges_at_once_when_the_broker_blames_us_and_learns_the_size() -> None:
+    from edge_agent.outbox import QUICK_SECONDS, PoisonGuard
+
+    guard = PoisonGuard()
+    assert guard.judge({3: ("t", 1.0, 5000)}, lived=QUICK_SECONDS * 10, blamed=True) == (3, 1)
+    guard.dropped(5000, max_acked=800)  # bigger than anything acknowledged: the likely limit
+    assert guard.learned_max_packet == 5000
+    guard.dropped(700, max_acked=800)  # the broker took bigger ones: size was not the reason
+    assert guard.learned_max_packet == 5000
+    assert guard.judge({}, lived=0.5, blamed=True) is None  # nothing in flight: nothing to blame
