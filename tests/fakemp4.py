@@ -1,4 +1,5 @@
-"""Minimal fragmented-MP4 segments built in Python, shaped as FFmpeg's segment muxer writes them.
+"""Minimal fragmented-MP4 segments built in Python, shaped as FFmpeg's segment muxer writes them
+(and the recording spec the finalising tests share).
 
 For unit tests that need joinable segments without FFmpeg (the recorder against a fake FFmpeg, the
 join's edge cases): `ftyp`, a `moov` with one H.264 video track and `mvex/trex`, then one
@@ -9,8 +10,11 @@ samples are not decodable video, only the boxes are right: `edge_agent.fmp4` rea
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
+from edge_agent.ffmpeg import StreamInput
 from edge_agent.fmp4 import box
+from edge_agent.recording import RecordingSpec
 
 TIMESCALE = 12800  # FFmpeg's mov muxer for 25 fps sources
 FRAME = TIMESCALE // 25
@@ -65,3 +69,13 @@ def segment(fragments: int, frames_per_fragment: int = 25, width: int = 320, hei
     for i in range(fragments):
         parts.append(fragment(i + 1, i * frames_per_fragment * FRAME, frames_per_fragment))
     return b"".join(parts)
+
+
+def finalise_spec(tmp: Path) -> RecordingSpec:
+    """A recording spec for finalising tests: task `cam1/t`, segments in `tmp/.t.segments`, MP4 `tmp/t.mp4`."""
+    return RecordingSpec(
+        task_id="cam1/t", camera_id="cam1", stream=StreamInput("rtsp://u:p@h/s"), mode="copy",
+        segment_dir=tmp / ".t.segments", output_file=tmp / "t.mp4", ffmpeg="ffmpeg", ffprobe="ffprobe",
+        segment_seconds=2, first_frame_timeout=5, stall_timeout=5, stop_timeout=5, restart_backoff_max=1,
+        max_restarts=1, probe_timeout=15, preset="ultrafast", stats_period=2.0,
+    )  # fmt: skip

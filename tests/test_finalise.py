@@ -6,23 +6,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from fakemp4 import finalise_spec
 from parts import ffprobe_info, moov_before_mdat
 
-from edge_agent.ffmpeg import StreamInput
 from edge_agent.finalise import finalise_segments
 from edge_agent.recording import RecordingFailed, RecordingFinished, RecordingSpec
 
 pytestmark = pytest.mark.integration
-
-
-def _spec(tmp: Path) -> RecordingSpec:
-    return RecordingSpec(
-        task_id="cam1/t", camera_id="cam1", stream=StreamInput("rtsp://u:p@h/s"), mode="copy",
-        segment_dir=tmp / ".t.segments", output_file=tmp / "t.mp4", ffmpeg="ffmpeg", ffprobe="ffprobe",
-        segment_seconds=2, first_frame_timeout=5, stall_timeout=5, stop_timeout=5,
-        restart_backoff_max=1, max_restarts=1, probe_timeout=15, preset="ultrafast",
-        stats_period=0.5,
-    )  # fmt: skip
 
 
 def _record_segments(spec: RecordingSpec, seconds: int = 8) -> dict[str, float]:
@@ -39,7 +29,7 @@ def _record_segments(spec: RecordingSpec, seconds: int = 8) -> dict[str, float]:
 
 @pytest.mark.parametrize("recovery", [False, True], ids=["after-recording", "crash-recovery"])
 def test_damaged_segment_is_set_aside_and_the_rest_joined(tmp_path: Path, recovery: bool) -> None:
-    spec = _spec(tmp_path)
+    spec = finalise_spec(tmp_path)
     known = _record_segments(spec)
     assert len(known) == 4
     damaged = spec.segment_dir / "seg_000001.ts"
@@ -56,7 +46,7 @@ def test_damaged_segment_is_set_aside_and_the_rest_joined(tmp_path: Path, recove
 
 
 def test_truncated_last_segment_still_joins(tmp_path: Path) -> None:
-    spec = _spec(tmp_path)
+    spec = finalise_spec(tmp_path)
     known = _record_segments(spec, seconds=6)
     last = sorted(spec.segment_dir.glob("seg_*.ts"))[-1]
     del known[last.name]  # a killed FFmpeg never reports its last segment
@@ -67,7 +57,7 @@ def test_truncated_last_segment_still_joins(tmp_path: Path) -> None:
 
 
 def test_only_unreadable_segments_fail_with_a_reason(tmp_path: Path) -> None:
-    spec = _spec(tmp_path)
+    spec = finalise_spec(tmp_path)
     spec.segment_dir.mkdir(parents=True)
     (spec.segment_dir / "seg_000000.ts").write_bytes(b"\x00garbage" * 1000)
     result = finalise_segments(spec, None)

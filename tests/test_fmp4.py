@@ -17,12 +17,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from fakemp4 import finalise_spec
 from parts import moov_before_mdat
 
 from edge_agent import ffmpeg, fmp4, fmp4join
-from edge_agent.ffmpeg import StreamInput
 from edge_agent.finalise import finalise_segments
-from edge_agent.recording import RecordingFinished, RecordingSpec
+from edge_agent.recording import RecordingFinished
 
 pytestmark = pytest.mark.integration
 
@@ -133,19 +133,9 @@ def test_segments_of_another_stream_are_incompatible(tmp_path: Path) -> None:
         fmp4join.join([*a, *b], tmp_path / "out.mp4")
 
 
-def _spec(tmp: Path) -> RecordingSpec:
-    return RecordingSpec(
-        task_id="cam1/t", camera_id="cam1", stream=StreamInput("rtsp://u:p@h/s"), mode="copy",
-        segment_dir=tmp / ".t.segments", output_file=tmp / "t.mp4", ffmpeg="ffmpeg", ffprobe="ffprobe",
-        segment_seconds=2, first_frame_timeout=5, stall_timeout=5, stop_timeout=5,
-        restart_backoff_max=1, max_restarts=1, probe_timeout=15, preset="ultrafast",
-        stats_period=0.5,
-    )  # fmt: skip
-
-
 @pytest.mark.parametrize("recovery", [False, True], ids=["after-recording", "crash-recovery"])
 def test_finalise_joins_by_copying_and_retires_the_segments(tmp_path: Path, recovery: bool) -> None:
-    spec = _spec(tmp_path)
+    spec = finalise_spec(tmp_path)
     segments = record(spec.segment_dir, 8)
     known = {p.name: 2.0 for p in segments}
     result = finalise_segments(spec, None if recovery else known)
@@ -157,7 +147,7 @@ def test_finalise_joins_by_copying_and_retires_the_segments(tmp_path: Path, reco
 
 
 def test_finalise_keeps_the_segments_when_the_mp4_holds_less_than_reported(tmp_path: Path) -> None:
-    spec = _spec(tmp_path)
+    spec = finalise_spec(tmp_path)
     segments = record(spec.segment_dir, 6)
     known = {p.name: 2.0 for p in segments}
     segments[-1].write_bytes(segments[-1].read_bytes()[:900])  # its media is gone from the disk
@@ -168,7 +158,7 @@ def test_finalise_keeps_the_segments_when_the_mp4_holds_less_than_reported(tmp_p
 
 
 def test_finalise_falls_back_to_ffmpeg_for_a_changed_stream(tmp_path: Path) -> None:
-    spec = _spec(tmp_path)
+    spec = finalise_spec(tmp_path)
     record(spec.segment_dir, 4)
     record(spec.segment_dir, 2, size="352x288", first=2)
     result = finalise_segments(spec, None)
