@@ -43,6 +43,7 @@ from edge_agent.messages import Command
 from edge_agent.recorder import Recorder, probe_camera
 from edge_agent.recording import (
     Interrupted,
+    MediaRange,
     MediaStarted,
     Probed,
     RecorderEvent,
@@ -226,6 +227,8 @@ class Agent:
                 self._probe_cache[cam] = mode
             case MediaStarted(task_id=tid):
                 self.tasks.media_started(tid)
+            case MediaRange(task_id=tid, media_start=media_start):
+                self.tasks.media_range(tid, media_start)
             case SegmentClosed(task_id=tid, path=path, seconds=seconds):
                 task = self.book.get(tid)
                 if task is not None:
@@ -280,9 +283,17 @@ class Agent:
         limit = self.cfg.camera_max_seconds(camera)
         if cmd.max_seconds is not None:
             limit = min(limit, cmd.max_seconds)
+        cam = self.cfg.cameras[camera]
+        pre_roll: float | None = None
+        if camera in self.tasks.buffers:  # a range of the camera's ring, from pre_roll seconds ago
+            asked = cam.pre_roll_seconds if cmd.pre_roll_seconds is None else float(cmd.pre_roll_seconds)
+            pre_roll = min(asked, float(cam.buffer_seconds))
+        elif cmd.pre_roll_seconds:
+            error = f"pre_roll_seconds needs a buffer: set cameras.{camera}.buffer_seconds"
+            return {"status": "rejected", "camera_id": camera, "error": error}, False
         mode = self.cfg.camera_video_mode(camera)
         resolved = self._probe_cache.get(camera) if mode == "auto" else mode
-        task = self.tasks.start(camera, cmd.task_name, limit, cmd.request_id, resolved or "auto")
+        task = self.tasks.start(camera, cmd.task_name, limit, cmd.request_id, resolved or "auto", pre_roll)
         return task.status_doc(), True
 
     def _cmd_stop(self, camera: str, cmd: Command) -> tuple[dict[str, Any], bool]:
@@ -354,6 +365,7 @@ class Agent:
                 self.handle(event)  # commands still get a reply (starts are rejected)
         if self.book.recording():
             log.error("recordings still finalising at exit: %s (recovered at next start)", self.book.recording())
+        self.tasks.stop_buffers()  # after the recordings: a buffered task reads its camera's ring
         if self._uploads is not None:
             self._uploads.stop(timeout=3.0)
         # Apply the last upload events that arrived while the workers stopped.

@@ -173,6 +173,7 @@ def run_agent(cfg: AgentConfig, redactor: RedactingFormatter) -> int:
              __version__, cfg.device_id, len(cfg.cameras), cfg.storage.type, output_dir)  # fmt: skip
     agent.recover()
     agent.prewarm_probes()
+    agent.tasks.start_buffers()
     metrics = None
     if cfg.metrics.enabled:
         agent.report.refresh_metrics()

@@ -184,6 +184,23 @@ class CameraConfig(_Model):
     max_seconds: int | None = Field(None, ge=1, description="overrides recording.max_seconds")
     video: VideoMode | None = Field(None, description="overrides recording.video")
     name: str | None = Field(None, description="human name (Home Assistant device name)")
+    buffer_seconds: int = Field(
+        0, ge=0, le=3600, description="keep this many seconds of the camera in a ring buffer (0: off) for pre-roll"
+    )
+    buffer_max_bytes: int = Field(256 * 1024 * 1024, ge=1024 * 1024, description="cap of the ring buffer on disk")
+    buffer_dir: Path | None = Field(
+        None, description="where the ring lives (default: /dev/shm/edge-agent/<device>/<camera>, RAM, no flash wear)"
+    )
+    pre_roll_seconds: float = Field(0.0, ge=0, description="default pre-roll of a start (needs buffer_seconds)")
+
+    @model_validator(mode="after")
+    def _pre_roll_needs_buffer(self) -> CameraConfig:
+        if self.pre_roll_seconds > self.buffer_seconds:
+            raise ValueError(
+                f"pre_roll_seconds ({self.pre_roll_seconds:g}) is more than buffer_seconds ({self.buffer_seconds}) "
+                "can hold: set buffer_seconds at least as long"
+            )
+        return self
 
     @field_validator("url")
     @classmethod
@@ -354,6 +371,15 @@ class AgentConfig(_Model):
     def camera_video_mode(self, camera_id: str) -> VideoMode:
         cam = self.cameras[camera_id]
         return cam.video if cam.video is not None else self.recording.video
+
+    def buffer_dir(self, camera_id: str) -> Path:
+        """The camera's ring buffer directory: configured, else RAM (`/dev/shm`) when there is one."""
+        cam = self.cameras[camera_id]
+        if cam.buffer_dir is not None:
+            return cam.buffer_dir
+        shm = Path("/dev/shm")  # noqa: S108  # shared: the buffer makes its directory private (buffer.py)
+        base = shm / "edge-agent" if shm.is_dir() else self.recording.output_dir / ".buffer"
+        return base / self.device_id / camera_id
 
     def stream_input(self, camera_id: str) -> StreamInput:
         """How every FFmpeg and ffprobe reads this camera (the one place the settings are gathered)."""

@@ -14,10 +14,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from edge_agent import names
+from edge_agent.buffer import BufferedRecorder, CameraBuffer
 from edge_agent.config import CAMERA_ID_RE, AgentConfig
 from edge_agent.events import UploadAttempt, UploadEvent, UploadFailed, UploadFinished, UploadProgress, UploadRetrying
 from edge_agent.journal import Journal
@@ -25,10 +27,12 @@ from edge_agent.recorder import Recorder
 from edge_agent.recording import RecorderEvent, RecordingFinished, RecordingSpec
 from edge_agent.redact import redact
 from edge_agent.reporter import Reporter
-from edge_agent.taskbook import TaskBook
-from edge_agent.tasks import ACTIVE_STATUSES, UPLOAD_STATUSES, Status, Task, new_task, utc_now
+from edge_agent.taskbook import Stoppable, TaskBook
+from edge_agent.tasks import ACTIVE_STATUSES, UPLOAD_STATUSES, Status, Task, iso, new_task, utc_now
 
 log = logging.getLogger(__name__)
+
+BUFFER_SEGMENT_SECONDS = 2  # a pre-roll starts within this of the time asked for
 
 Mode = Literal["auto", "copy", "transcode"]
 RecorderFactory = Callable[[RecordingSpec, Callable[[RecorderEvent], None], bool], Recorder]
@@ -59,17 +63,31 @@ class Lifecycle:
         self._secrets = secrets
         self._url_retained = cfg.storage.download_url == "retained"
         self.tools: tuple[str, str] | None = None  # (ffmpeg, ffprobe) once found
+        self.buffers: dict[str, CameraBuffer] = {}  # camera -> its ring buffer (cameras with buffer_seconds)
         self.stopping = False  # the agent is shutting down: a finished recording lets go at once
 
     # ---- recordings ------------------------------------------------------------------------------
 
-    def start(self, camera: str, name: str, limit: int, request_id: str | None, mode: Mode) -> Task:
-        """A new task holding `camera`, its recorder started and its deadline set."""
+    def start(self, camera: str, name: str, limit: int, request_id: str | None, mode: Mode,
+              pre_roll: float | None = None) -> Task:  # fmt: skip
+        """A new task holding `camera`, its recorder started and its deadline set.
+
+        On a buffered camera (`pre_roll` not None) the task is a range of the camera's ring from
+        `pre_roll` seconds before now; it is `recording` at once while the ring is receiving media.
+        """
         storage = self.cfg.storage
         task = new_task(camera, name, self.cfg.device_id, self.cfg.recording.output_dir, storage.type,
                         storage.bucket, limit)  # fmt: skip
         task.request_id = request_id
-        rec = self._new_recorder(self.spec(task, mode), self._post, False)
+        buffer = self.buffers.get(camera)
+        rec: Stoppable
+        if buffer is not None and pre_roll is not None:
+            task.pre_roll_seconds = pre_roll
+            rec = BufferedRecorder(self.spec(task, "copy"), self._post, buffer, time.time() - pre_roll)
+            if buffer.live.is_set():
+                task.status = Status.RECORDING
+        else:
+            rec = self._new_recorder(self.spec(task, mode), self._post, False)
         self.book.hold(task, rec, time.monotonic() + limit)
         self.remember(task)
         self.report.task(task)
@@ -90,12 +108,46 @@ class Lifecycle:
             secrets=self._secrets,
         )  # fmt: skip
 
+    def start_buffers(self) -> None:
+        """One ring buffer per camera with `buffer_seconds` (FFmpeg found): pre-roll for its tasks."""
+        rc = self.cfg.recording
+        if self.tools is None:
+            return
+        for camera, cam in self.cfg.cameras.items():
+            if cam.buffer_seconds <= 0 or camera in self.buffers:
+                continue
+            ring = self.cfg.buffer_dir(camera)
+            spec = RecordingSpec(
+                task_id=f"{camera}/buffer", camera_id=camera, stream=self.cfg.stream_input(camera), mode="copy",
+                segment_dir=ring, output_file=ring / "unused.mp4", ffmpeg=self.tools[0], ffprobe=self.tools[1],
+                segment_seconds=BUFFER_SEGMENT_SECONDS, first_frame_timeout=rc.first_frame_timeout_seconds,
+                stall_timeout=rc.stall_timeout_seconds, stop_timeout=rc.stop_timeout_seconds,
+                restart_backoff_max=rc.restart_backoff_max_seconds, max_restarts=10**9,
+                probe_timeout=rc.probe_timeout_seconds, preset=rc.transcode_preset,
+                stats_period=rc.stats_period_seconds, secrets=self._secrets,
+            )  # fmt: skip
+            buffer = CameraBuffer(spec, cam.buffer_seconds, cam.buffer_max_bytes)
+            self.buffers[camera] = buffer
+            buffer.start()
+            log.info("camera %s: ring buffer of %d s in %s", camera, cam.buffer_seconds, ring)
+
+    def stop_buffers(self) -> None:
+        for buffer in self.buffers.values():
+            buffer.request_stop()
+        for buffer in self.buffers.values():
+            buffer.join(timeout=self.cfg.recording.stop_timeout_seconds + 5)
+
     def request_stop(self, task: Task, reason: str) -> None:
         self.book.cancel_deadline(task.task_id)
         rec = self.book.recorder(task.task_id)
         self.update(task, status=Status.STOPPING, stop_reason=task.stop_reason or reason)
         if rec is not None:
             rec.request_stop()
+
+    def media_range(self, task_id: str, media_start: float) -> None:
+        task = self.book.get(task_id)
+        if task is not None:
+            self.update(task, media_start=iso(datetime.fromtimestamp(media_start, UTC)))
 
     def media_started(self, task_id: str) -> None:
         task = self.book.get(task_id)

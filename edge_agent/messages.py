@@ -11,7 +11,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from edge_agent import names
 from edge_agent.errors import CommandError
@@ -35,6 +35,7 @@ class Command(BaseModel):
     task_name: StrictStr | None = None
     request_id: StrictStr | None = Field(None, max_length=MAX_REQUEST_ID_CHARS)
     max_seconds: StrictInt | None = Field(None, ge=1, le=10**9)
+    pre_roll_seconds: StrictInt | StrictFloat | None = Field(None, ge=0, le=3600)
 
 
 def validate_task_name(name: str) -> str:

@@ -54,7 +54,15 @@ class RecordingFailed:
     error: str
 
 
-RecorderEvent = Probed | MediaStarted | SegmentClosed | Interrupted | RecordingFinished | RecordingFailed
+@dataclass(frozen=True)
+class MediaRange:
+    """A buffered task's first frame (UTC epoch seconds: pre-roll), posted once it is known."""
+
+    task_id: str
+    media_start: float
+
+
+RecorderEvent = MediaRange | Probed | MediaStarted | SegmentClosed | Interrupted | RecordingFinished | RecordingFailed
 
 
 @dataclass(frozen=True)

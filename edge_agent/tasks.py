@@ -39,6 +39,7 @@ STATUS_FIELDS = (
     "local_file", "bucket", "object_name", "download_url", "stop_reason", "error", "local_file_deleted",
     "duration_seconds", "size_bytes", "sha256", "max_seconds", "interruptions", "recovered",
     "upload_attempts", "bytes_uploaded", "next_retry_at", "last_upload_error", "rejected_segments",
+    "media_start", "pre_roll_seconds",
 )  # fmt: skip
 
 
@@ -92,6 +93,8 @@ class Task:
     request_id: str | None = None
     bytes_uploaded: int | None = None  # of the file, on the server (multipart progress)
     upload_id: str | None = None  # the S3 multipart upload to resume (journaled, not published)
+    media_start: str | None = None  # buffered camera: UTC time of the MP4's first frame (pre-roll)
+    pre_roll_seconds: float | None = None  # buffered camera: the pre-roll asked for
 
     @property
     def start_time(self) -> str:

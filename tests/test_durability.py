@@ -13,9 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from fakemp4 import finalise_spec
 from parts import ffprobe_info
 from powercutfs import PowerCutFS
-from test_finalise import _record_segments, _spec
+from test_finalise import _record_segments
 from test_unit_journal import make_task
 
 from edge_agent import durable
@@ -106,7 +107,7 @@ def test_make_dirs_on_a_failing_disk_makes_the_directory_and_logs(
 
 
 def _recorder(tmp_path: Path) -> Recorder:
-    return Recorder(_spec(tmp_path), lambda event: None)
+    return Recorder(finalise_spec(tmp_path), lambda event: None)
 
 
 def test_segments_left_behind_are_made_durable_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -150,7 +151,7 @@ def test_a_cut_while_segments_are_removed_never_shortens_the_mp4(tmp_path: Path)
     shorter MP4 over the good one. Here the state such a cut leaves is made by hand: the MP4
     plus a retired directory with only some segments in it.
     """
-    spec = _spec(tmp_path)
+    spec = finalise_spec(tmp_path)
     known = _record_segments(spec, seconds=8)
     first = finalise_segments(spec, known)
     assert isinstance(first, RecordingFinished)

@@ -1,0 +1,284 @@
+"""Pre-roll: a camera recorded all the time into a ring of segments, and tasks cut from that ring.
+
+A `CameraBuffer` is one FFmpeg per camera (the recorder's own supervision: restarts with backoff,
+stall watchdog, reaped) writing keyframe-aligned fragmented-MP4 segments into a ring directory, RAM
+(`/dev/shm`) by default so flash storage is not worn. It keeps the newest `buffer_seconds` (and
+never more than `buffer_max_bytes`), each segment stamped with the wall-clock time of its first and
+last frame. A segment is stamped when FFmpeg reports it closed, so its end is the report's arrival
+time (the camera's own latency, well under a second on a LAN, is not corrected for).
+
+A task on a buffered camera is a range of that ring (`BufferedRecorder`): the segments from the one
+at or before `command time - pre_roll` on, copied to the task's own segment directory on disk and
+fsynced as they close, so the task survives a kill -9 or a power cut exactly as a normal one (its
+segment directory is finalised at the next start). No second RTSP connection, and no seam: the MP4
+is the ring's own segments joined by copying fragments. A camera drop leaves a gap between two FFmpeg
+runs; a task spanning it counts an interruption.
+
+Threads: the buffer's FFmpeg runs on the buffer's thread, which owns the ring; each task's recorder
+subscribes and gets closed segments through its own queue. The ring's index is shared under one lock,
+held only to read or change the index (never while copying).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import shutil
+import stat
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_agent import durable, ffmpeg
+from edge_agent.errors import RecordingError
+from edge_agent.finalise import finalise_segments
+from edge_agent.recorder import Recorder, kill_orphans
+from edge_agent.recording import (
+    Interrupted,
+    MediaRange,
+    MediaStarted,
+    RecorderEvent,
+    RecordingFailed,
+    RecordingSpec,
+    SegmentClosed,
+)
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE_SECONDS = 5.0  # after a stop: the segment holding the stop time must close within its length + this
+
+
+@dataclass(frozen=True)
+class BufferedSegment:
+    path: Path
+    start: float  # wall clock (epoch seconds) of its first frame
+    end: float  # ... and of its end (when FFmpeg reported it closed)
+    size: int
+    run: int  # FFmpeg run it came from: a new run after a camera drop means a gap before it
+
+
+class CameraBuffer(Recorder):
+    """One camera recorded continuously into a bounded ring of segments (see the module docstring)."""
+
+    def __init__(self, spec: RecordingSpec, seconds: float, max_bytes: int) -> None:
+        super().__init__(spec, self._on_event)
+        self.name = f"buffer.{spec.camera_id}"
+        self.seconds = seconds
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._ring: deque[BufferedSegment] = deque()
+        self._bytes = 0
+        self._run = 0
+        self._subscribers: list[queue.SimpleQueue[BufferedSegment]] = []
+        self.live = threading.Event()  # media arrived in the last run (cleared when FFmpeg ends)
+
+    # -- the buffer's thread ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            private_dir(self.spec.segment_dir)
+        except RecordingError as exc:
+            log.error("buffer of %s disabled: %s", self.spec.camera_id, exc)
+            return
+        orphans = kill_orphans(self.spec.segment_dir)  # an FFmpeg of an agent killed with -9 records on
+        if orphans:
+            log.warning("buffer of %s: stopped orphaned FFmpeg %s", self.spec.camera_id, orphans)
+        for old in self.spec.segment_dir.iterdir():  # a previous run's ring: its times are unknown
+            with contextlib.suppress(OSError):
+                old.unlink()
+        try:
+            while not self._stop_requested.is_set():
+                try:
+                    self._record()
+                except RecordingError as exc:  # gave up for now: the camera may come back
+                    log.warning("buffer of %s: %s", self.spec.camera_id, self._redact(str(exc)))
+                    self.live.clear()
+                    self._wait_wake(self.spec.restart_backoff_max)
+                except Exception:
+                    log.exception("buffer of %s crashed; restarting it", self.spec.camera_id)
+                    self._wait_wake(self.spec.restart_backoff_max)
+                self._media_seen = False
+        finally:
+            for fd in (self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def _on_event(self, event: RecorderEvent) -> None:
+        """The recorder machinery's events, on this thread."""
+        match event:
+            case MediaStarted():
+                self.live.set()
+            case Interrupted():
+                self.live.clear()
+                with self._lock:
+                    self._run += 1
+            case SegmentClosed(path=path, seconds=seconds):
+                self._add(path, seconds)
+
+    def _add(self, path: Path, seconds: float) -> None:
+        end = time.time()
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return
+        seg = BufferedSegment(path, end - seconds, end, size, self._run)
+        with self._lock:
+            self._ring.append(seg)
+            self._bytes += size
+            for sub in self._subscribers:
+                sub.put(seg)
+            expired = []
+            while self._ring and (
+                self._ring[0].end < end - self.seconds - seconds or self._bytes > self.max_bytes
+            ) and len(self._ring) > 1:
+                old = self._ring.popleft()
+                self._bytes -= old.size
+                expired.append(old)
+        for old in expired:
+            with contextlib.suppress(OSError):
+                old.path.unlink()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self.request_stop()
+        self.join(timeout)
+
+    # -- called from task recorders (other threads) ----------------------------------------------------
+
+    def subscribe(self, since: float) -> tuple[list[BufferedSegment], queue.SimpleQueue[BufferedSegment]]:
+        """The ring's segments from the one holding `since` (or the oldest) on, and a queue of new ones."""
+        sub: queue.SimpleQueue[BufferedSegment] = queue.SimpleQueue()
+        with self._lock:
+            past = [s for s in self._ring if s.end > since]
+            self._subscribers.append(sub)
+        return past, sub
+
+    def unsubscribe(self, sub: queue.SimpleQueue[BufferedSegment]) -> None:
+        with self._lock, contextlib.suppress(ValueError):
+            self._subscribers.remove(sub)
+
+    def holds(self) -> tuple[float, float] | None:
+        """(first, last) wall-clock second the ring holds now, or None when it is empty."""
+        with self._lock:
+            return (self._ring[0].start, self._ring[-1].end) if self._ring else None
+
+
+def private_dir(path: Path) -> None:
+    """Make `path` (and its missing parents) ours alone: the default ring lives in the shared /dev/shm.
+
+    Below a shared sticky directory (/dev/shm, /tmp) every directory of the path must be a real
+    directory of ours: RecordingError otherwise (a symbolic link or another user's directory there
+    would let someone else read the video or swap the files). A path with no shared directory above
+    it was chosen by the administrator and is trusted.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    chain = []
+    probe = path
+    while probe != probe.parent:
+        st = os.lstat(probe)
+        if stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX:
+            break  # the shared directory: everything below it was checked
+        chain.append((probe, st))
+        probe = probe.parent
+    else:
+        return
+    for directory, st in chain:
+        if stat.S_ISLNK(st.st_mode):
+            raise RecordingError(f"{directory} is a symbolic link in a shared directory")
+        if st.st_uid != os.getuid():
+            raise RecordingError(f"{directory} belongs to another user (uid {st.st_uid})")
+    path.chmod(0o700)
+
+
+class BufferedRecorder(threading.Thread):
+    """One task on a buffered camera: copies its range of the ring to disk, then finalises it.
+
+    Looks like a `Recorder` to the agent: `start()`, `request_stop()`, and the same events posted
+    (`MediaStarted`, `SegmentClosed`, `Interrupted`, then `RecordingFinished` or `RecordingFailed`),
+    plus `MediaRange` with the time of its first frame.
+    """
+
+    def __init__(self, spec: RecordingSpec, post: Callable[[RecorderEvent], None],
+                 buffer: CameraBuffer, since: float) -> None:  # fmt: skip
+        super().__init__(name=f"recorder.{spec.camera_id}", daemon=True)
+        self.spec = spec
+        self._post = post
+        self._buffer = buffer
+        self._since = since
+        self._stop_requested = threading.Event()
+        self._stop_at: float | None = None
+        self._copied: dict[str, float] = {}  # task segment name -> seconds
+        self._last_run: int | None = None
+        self._last_end = 0.0  # wall clock end of the newest segment taken
+        self.interruptions = 0
+
+    def request_stop(self) -> None:
+        if not self._stop_requested.is_set():
+            self._stop_at = time.time()
+            self._stop_requested.set()
+
+    def run(self) -> None:
+        try:
+            self._record()
+            if not self._copied:
+                raise RecordingError("stopped before the camera delivered any media")
+            self._post(finalise_segments(self.spec, dict(self._copied)))
+        except RecordingError as exc:
+            self._post(RecordingFailed(self.spec.task_id, ffmpeg.redact(str(exc), self.spec.secrets)))
+        except Exception as exc:  # a bug must fail the task, not leave it hanging
+            log.exception("buffered recorder for %s crashed", self.spec.task_id)
+            self._post(RecordingFailed(self.spec.task_id, f"internal error: {exc!r}"))
+
+    def _record(self) -> None:
+        spec = self.spec
+        durable.make_dirs(spec.segment_dir)
+        past, sub = self._buffer.subscribe(self._since)
+        started = time.monotonic()
+        try:
+            for seg in past:
+                self._take(seg)
+            while True:
+                if self._stop_at is not None:
+                    if self._copied and self._last_end >= self._stop_at:
+                        return  # the segment holding the stop time is in
+                    if time.time() > self._stop_at + spec.segment_seconds + STOP_GRACE_SECONDS:
+                        return  # the camera is gone: finalise what there is
+                elif not self._copied and time.monotonic() - started > spec.first_frame_timeout:
+                    raise RecordingError(f"no media from the camera within {spec.first_frame_timeout:g} s "
+                                         "(its buffer has none)")  # fmt: skip
+                try:
+                    seg = sub.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                if self._stop_at is not None and seg.start >= self._stop_at:
+                    return
+                self._take(seg)
+        finally:
+            self._buffer.unsubscribe(sub)
+
+    def _take(self, seg: BufferedSegment) -> None:
+        """Copy one ring segment to the task's segment directory, durably, then report it."""
+        name = ffmpeg.SEGMENT_PATTERN % len(self._copied)
+        dest = self.spec.segment_dir / name
+        try:
+            shutil.copyfile(seg.path, dest)
+        except FileNotFoundError:  # pruned before we got to it (a very slow disk): skip, counted as a gap
+            self.interruptions += 1
+            return
+        durable.fsync_file(dest)
+        durable.fsync_dir(self.spec.segment_dir)
+        seconds = seg.end - seg.start
+        if not self._copied:
+            self._post(MediaRange(self.spec.task_id, seg.start))
+            self._post(MediaStarted(self.spec.task_id))
+        elif self._last_run is not None and seg.run != self._last_run:
+            self.interruptions += 1
+            self._post(Interrupted(self.spec.task_id, self.interruptions, "camera dropped: a gap in the buffer"))
+        self._copied[name] = seconds
+        self._last_run = seg.run
+        self._last_end = seg.end
+        self._post(SegmentClosed(self.spec.task_id, dest, seconds))

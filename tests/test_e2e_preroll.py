@@ -1,0 +1,155 @@
+"""Pre-roll end to end: a camera recorded into a ring buffer, and a `start` that reaches back into it.
+
+Real Mosquitto, GStreamer RTSP camera, FFmpeg. The buffered camera's ring lives in the test's tmp dir.
+What users rely on: the MP4 begins at a keyframe at or before `command time - pre_roll_seconds`
+(the status says where: `media_start`), covers the pre-roll and the recording window within one
+buffer segment, decodes without a single error, and its frame times have no gap or repeat at the
+seams between ring segments; `recording` is published as soon as the command is handled; a buffered
+task survives a kill -9 like any other; a camera without a buffer refuses a pre-roll with the reason.
+"""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import time
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from parts import ffprobe_info
+from rig import Rig, make_rig
+
+pytestmark = pytest.mark.integration
+
+PRE_ROLL = 10.0
+BUFFER_SEGMENT = 2.0  # edge_agent.lifecycle.BUFFER_SEGMENT_SECONDS
+
+
+def epoch(iso_text: str) -> float:
+    return datetime.fromisoformat(iso_text.replace("Z", "+00:00")).timestamp()
+
+
+def buffered_rig(tmp_path: Path, broker, probe, prefix, make_agent, camera) -> Rig:
+    cams = {
+        "cam1": {"url": camera.url("cam1"), "buffer_seconds": 20, "buffer_dir": str(tmp_path / "ring"),
+                 "pre_roll_seconds": 5},
+        "cam2": {"url": camera.url("cam2")},
+    }  # fmt: skip
+    return make_rig(tmp_path, broker, probe, prefix, make_agent, cameras=cams, storage={"type": "local"})
+
+
+def wait_ring(ring: Path, seconds: float, timeout: float = 40) -> None:
+    """Until the ring holds at least `seconds` of closed segments (each 2 s)."""
+    deadline = time.monotonic() + timeout
+    while len(list(ring.glob("seg_*.mp4"))) < seconds / BUFFER_SEGMENT + 2:
+        assert time.monotonic() < deadline, f"the ring never filled: {sorted(p.name for p in ring.glob('*'))}"
+        time.sleep(0.25)
+
+
+def frames(path: Path) -> list[tuple[int, bool]]:
+    """(dts, keyframe) of every video packet."""
+    out = subprocess.run(
+        ["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries", "packet=dts,flags", "-of", "csv=p=0",
+         str(path)], capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    rows = []
+    for line in out.stdout.splitlines():
+        dts, flags = line.split(",")[:2]
+        rows.append((int(dts), "K" in flags))
+    return rows
+
+
+def decode_errors(path: Path) -> str:
+    out = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "null", "-"],
+                         capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    return out.stderr.strip() if out.returncode == 0 else f"exit {out.returncode}: {out.stderr.strip()}"
+
+
+def test_start_with_pre_roll_holds_the_seconds_before_the_command(tmp_path: Path, broker, probe, prefix,
+                                                                  make_agent, camera) -> None:  # fmt: skip
+    rig = buffered_rig(tmp_path, broker, probe, prefix, make_agent, camera)
+    rig.start_agent()
+    wait_ring(tmp_path / "ring", PRE_ROLL + BUFFER_SEGMENT)
+
+    commanded = time.time()
+    reply = rig.request("cam1", {"action": "start", "task_name": "doorbell", "pre_roll_seconds": PRE_ROLL})
+    assert reply["ok"] is True and reply["status"] == "recording", reply  # at once: the ring has media
+    time.sleep(4.0)
+    stop_sent = time.time()
+    assert rig.request("cam1", {"action": "stop", "task_name": "doorbell"})["ok"] is True
+    final = rig.wait_status("cam1", "doorbell", {"completed", "failed"}, timeout=60)
+    assert final["status"] == "completed", final
+    assert rig.statuses("cam1", "doorbell")[0] == "recording"  # never `starting` on a buffered camera
+    assert final["pre_roll_seconds"] == PRE_ROLL
+
+    # Where the recording really begins: at or before the pre-roll point, within one ring segment.
+    media_start = epoch(final["media_start"])
+    assert commanded - PRE_ROLL - BUFFER_SEGMENT - 0.5 <= media_start <= commanded - PRE_ROLL + 0.5, (
+        media_start - commanded)
+    mp4 = Path(final["local_file"])
+    info = ffprobe_info(mp4)
+    window = stop_sent - commanded
+    # Pre-roll plus the window, within one segment at each end (the head starts at a keyframe at
+    # or before the pre-roll point, the tail runs to the end of the segment holding the stop).
+    assert PRE_ROLL + window - 1.0 <= info["duration"] <= PRE_ROLL + window + 2 * BUFFER_SEGMENT + 1.0, (
+        info["duration"], PRE_ROLL + window)
+    assert abs(final["duration_seconds"] - info["duration"]) < 0.5
+
+    # A frame from before the command is in the file: the MP4 begins before `commanded` by more
+    # than the whole recording window could explain.
+    assert commanded - media_start >= PRE_ROLL - 0.5
+
+    rows = frames(mp4)
+    assert rows[0][1], "the first frame must be a keyframe"
+    steps = Counter(b - a for (a, _), (b, _) in itertools.pairwise(rows))
+    assert len(steps) == 1 and next(iter(steps)) > 0, f"gap or repeat at a seam: {steps}"
+    assert decode_errors(mp4) == ""
+
+
+def test_pre_roll_needs_a_buffer_and_the_default_applies(tmp_path: Path, broker, probe, prefix, make_agent,
+                                                         camera) -> None:  # fmt: skip
+    rig = buffered_rig(tmp_path, broker, probe, prefix, make_agent, camera)
+    rig.start_agent()
+    refused = rig.request("cam2", {"action": "start", "task_name": "no-ring", "pre_roll_seconds": 5})
+    assert refused["ok"] is False and refused["status"] == "rejected"
+    assert "cameras.cam2.buffer_seconds" in refused["error"]
+
+    # cam1's default pre-roll (5 s) applies when the command names none.
+    wait_ring(tmp_path / "ring", 6)
+    commanded = time.time()
+    assert rig.request("cam1", {"action": "start", "task_name": "default"})["ok"] is True
+    time.sleep(2.0)
+    assert rig.request("cam1", {"action": "stop", "task_name": "default"})["ok"] is True
+    final = rig.wait_status("cam1", "default", {"completed", "failed"}, timeout=60)
+    assert final["status"] == "completed" and final["pre_roll_seconds"] == 5
+    assert commanded - 5 - BUFFER_SEGMENT - 0.5 <= epoch(final["media_start"]) <= commanded - 5 + 0.5
+
+
+def test_a_buffered_task_survives_kill_9(tmp_path: Path, broker, probe, prefix, make_agent, camera) -> None:
+    rig = buffered_rig(tmp_path, broker, probe, prefix, make_agent, camera)
+    agent = rig.start_agent()
+    wait_ring(tmp_path / "ring", 6)
+    commanded = time.time()
+    assert rig.request("cam1", {"action": "start", "task_name": "crash", "pre_roll_seconds": 4})["ok"] is True
+    time.sleep(6.0)  # segments of the task copied to disk as they close
+    killed = time.time()
+    agent.kill()
+    rig.start_agent()
+    final = rig.wait_status("cam1", "crash", {"completed", "failed"}, timeout=60)
+    assert final["status"] == "completed" and final["recovered"] is True, final
+    # Everything up to the last ring segment closed before the kill: at most one segment lost.
+    covered = ffprobe_info(Path(final["local_file"]))["duration"]
+    assert covered >= (killed - commanded) + 4 - BUFFER_SEGMENT - 1.0, covered
+    # The killed agent's ring FFmpeg was stopped: one FFmpeg writes the ring, the new agent's.
+    ring = str(tmp_path / "ring")
+    writers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and ring.encode() in _cmdline(p)]
+    assert len(writers) == 1, writers
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
