@@ -37,7 +37,7 @@ from edge_agent.events import (
 )
 from edge_agent.intake import CommandIntake
 from edge_agent.journal import Journal
-from edge_agent.lifecycle import Lifecycle, RecorderFactory, UploadSubmitter
+from edge_agent.lifecycle import BUFFER_SEGMENT_SECONDS, Lifecycle, RecorderFactory, UploadSubmitter
 from edge_agent.limits import InboundGate
 from edge_agent.messages import Command
 from edge_agent.recorder import Recorder, probe_camera
@@ -56,7 +56,7 @@ from edge_agent.redact import redact
 from edge_agent.reporter import Publisher, PublishStats, Reporter, Subscriber, free_bytes
 from edge_agent.retention import apply_retention
 from edge_agent.taskbook import BUSY_STATUSES, TaskBook
-from edge_agent.tasks import ACTIVE_STATUSES, Status, Task
+from edge_agent.tasks import ACTIVE_STATUSES, UPLOAD_STATUSES, Status, Task, iso_epoch
 from edge_agent.topics import Topics
 
 __all__ = ["Agent", "Event", "Publisher", "RecorderFactory", "Shutdown", "UploadSubmitter"]
@@ -110,6 +110,7 @@ class Agent:
             "stop": self._cmd_stop,
             "status": self._cmd_status,
             "query": self._cmd_query,
+            "export": self._cmd_export,
             "pause_uploads": lambda camera, _: self._set_uploads_paused(camera, True),
             "resume_uploads": lambda camera, _: self._set_uploads_paused(camera, False),
         }
@@ -294,6 +295,29 @@ class Agent:
         mode = self.cfg.camera_video_mode(camera)
         resolved = self._probe_cache.get(camera) if mode == "auto" else mode
         task = self.tasks.start(camera, cmd.task_name, limit, cmd.request_id, resolved or "auto", pre_roll)
+        return task.status_doc(), True
+
+    def _cmd_export(self, camera: str, cmd: Command) -> tuple[dict[str, Any], bool]:
+        """A named task from what the camera's ring holds, [from, to]; a range outside it is refused
+        with the range that is there."""
+        assert cmd.task_name is not None and cmd.range_from is not None and cmd.range_to is not None
+        buffer = self.tasks.buffers.get(camera)
+        if buffer is None:
+            error = f"export needs a buffer: set cameras.{camera}.buffer_seconds"
+            return {"status": "rejected", "camera_id": camera, "error": error}, False
+        busy = self.book.kept(camera, cmd.task_name)
+        if busy is not None and busy.status in ACTIVE_STATUSES | UPLOAD_STATUSES:
+            return busy.status_doc(), False
+        since, until = cmd.range_from.timestamp(), cmd.range_to.timestamp()
+        held = buffer.holds()
+        slack = BUFFER_SEGMENT_SECONDS  # the ring closes a segment every this many seconds
+        if held is None or since < held[0] or until > max(held[1], time.time()) + slack:
+            doc: dict[str, Any] = {"status": "rejected", "camera_id": camera,
+                                   "error": "the range is not in the camera's buffer"}  # fmt: skip
+            if held is not None:
+                doc["available_from"], doc["available_to"] = iso_epoch(held[0]), iso_epoch(held[1])
+            return doc, False
+        task = self.tasks.export(camera, cmd.task_name, since, until, cmd.request_id)
         return task.status_doc(), True
 
     def _cmd_stop(self, camera: str, cmd: Command) -> tuple[dict[str, Any], bool]:

@@ -199,18 +199,19 @@ class BufferedRecorder(threading.Thread):
 
     Looks like a `Recorder` to the agent: `start()`, `request_stop()`, and the same events posted
     (`MediaStarted`, `SegmentClosed`, `Interrupted`, then `RecordingFinished` or `RecordingFailed`),
-    plus `MediaRange` with the time of its first frame.
+    plus `MediaRange` with the time of its first frame. With `until` it is an export: the range
+    [since, until] of what the ring already holds (or is about to close), then finalised.
     """
 
     def __init__(self, spec: RecordingSpec, post: Callable[[RecorderEvent], None],
-                 buffer: CameraBuffer, since: float) -> None:  # fmt: skip
+                 buffer: CameraBuffer, since: float, until: float | None = None) -> None:  # fmt: skip
         super().__init__(name=f"recorder.{spec.camera_id}", daemon=True)
         self.spec = spec
         self._post = post
         self._buffer = buffer
         self._since = since
         self._stop_requested = threading.Event()
-        self._stop_at: float | None = None
+        self._stop_at: float | None = until  # an export knows its end from the start
         self._copied: dict[str, float] = {}  # task segment name -> seconds
         self._last_run: int | None = None
         self._last_end = 0.0  # wall clock end of the newest segment taken
@@ -240,6 +241,8 @@ class BufferedRecorder(threading.Thread):
         started = time.monotonic()
         try:
             for seg in past:
+                if self._stop_at is not None and seg.start >= self._stop_at:
+                    break
                 self._take(seg)
             while True:
                 if self._stop_at is not None:

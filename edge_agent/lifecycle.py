@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -28,7 +27,7 @@ from edge_agent.recording import RecorderEvent, RecordingFinished, RecordingSpec
 from edge_agent.redact import redact
 from edge_agent.reporter import Reporter
 from edge_agent.taskbook import Stoppable, TaskBook
-from edge_agent.tasks import ACTIVE_STATUSES, UPLOAD_STATUSES, Status, Task, iso, new_task, utc_now
+from edge_agent.tasks import ACTIVE_STATUSES, UPLOAD_STATUSES, Status, Task, iso_epoch, new_task, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +93,24 @@ class Lifecycle:
         rec.start()
         return task
 
+    def export(self, camera: str, name: str, since: float, until: float, request_id: str | None) -> Task:
+        """A task cut from the camera's ring, [since, until]: finalised and shipped like any other.
+
+        It never holds the camera (a live recording can run beside it) and goes straight to `stopping`.
+        """
+        buffer = self.buffers[camera]
+        storage = self.cfg.storage
+        task = new_task(camera, name, self.cfg.device_id, self.cfg.recording.output_dir, storage.type,
+                        storage.bucket, max(1, int(until - since) + 1))  # fmt: skip
+        task.request_id = request_id
+        task.status, task.stop_reason = Status.STOPPING, "export of the camera's buffer"
+        rec = BufferedRecorder(self.spec(task, "copy"), self._post, buffer, since, until)
+        self.book.hold(task, rec, camera=False)
+        self.remember(task)
+        self.report.task(task)
+        rec.start()
+        return task
+
     def spec(self, task: Task, mode: Mode) -> RecordingSpec:
         rc = self.cfg.recording
         assert self.tools is not None
@@ -147,7 +164,7 @@ class Lifecycle:
     def media_range(self, task_id: str, media_start: float) -> None:
         task = self.book.get(task_id)
         if task is not None:
-            self.update(task, media_start=iso(datetime.fromtimestamp(media_start, UTC)))
+            self.update(task, media_start=iso_epoch(media_start))
 
     def media_started(self, task_id: str) -> None:
         task = self.book.get(task_id)

@@ -9,9 +9,19 @@ from __future__ import annotations
 import json
 import unicodedata
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
 
 from edge_agent import names
 from edge_agent.errors import CommandError
@@ -19,7 +29,7 @@ from edge_agent.tasks import ACTIVE_STATUSES, TERMINAL_STATUSES, UPLOAD_STATUSES
 
 __all__ = ["ACTIVE_STATUSES", "TERMINAL_STATUSES", "UPLOAD_STATUSES", "Status"]  # re-exported
 
-Action = Literal["start", "stop", "status", "query", "pause_uploads", "resume_uploads"]
+Action = Literal["start", "stop", "status", "query", "pause_uploads", "resume_uploads", "export"]
 
 
 MAX_TASK_NAME_BYTES = names.MAX_NAME_BYTES
@@ -36,6 +46,16 @@ class Command(BaseModel):
     request_id: StrictStr | None = Field(None, max_length=MAX_REQUEST_ID_CHARS)
     max_seconds: StrictInt | None = Field(None, ge=1, le=10**9)
     pre_roll_seconds: StrictInt | StrictFloat | None = Field(None, ge=0, le=3600)
+    # export: the UTC range to cut from the camera's ring buffer ("from" is a Python keyword)
+    range_from: datetime | None = Field(None, alias="from")
+    range_to: datetime | None = Field(None, alias="to")
+
+    @field_validator("range_from", "range_to")
+    @classmethod
+    def _utc(cls, v: datetime | None) -> datetime | None:
+        if v is not None and v.tzinfo is None:
+            raise ValueError("must be a UTC time with its zone, e.g. 2026-12-06T16:00:00Z")
+        return v
 
 
 def validate_task_name(name: str) -> str:
@@ -102,7 +122,14 @@ def decode_command(payload: bytes, max_bytes: int) -> Decoded:
             for e in exc.errors(include_url=False, include_input=False)
         )
         return Decoded(None, rid, problems)
-    if cmd.action in ("start", "stop", "query") and cmd.task_name is None:
+    if cmd.action == "export":
+        if cmd.range_from is None or cmd.range_to is None:
+            return Decoded(None, rid, "action 'export' needs from and to (UTC times)")
+        if cmd.range_to <= cmd.range_from:
+            return Decoded(None, rid, "export: to must be after from")
+    elif cmd.range_from is not None or cmd.range_to is not None:
+        return Decoded(None, rid, f"from/to are for export, not {cmd.action}")
+    if cmd.action in ("start", "stop", "query", "export") and cmd.task_name is None:
         return Decoded(None, rid, f"action {cmd.action!r} needs a task_name")
     if cmd.task_name is not None:
         try:

@@ -55,10 +55,14 @@ class TaskBook:
         """In flight without holding its camera (an upload resumed at start)."""
         self._in_flight[task.task_id] = task
 
-    def hold(self, task: Task, recorder: Stoppable, deadline: float | None = None) -> None:
-        """In flight, holding its camera, with the recorder that records or finalises it."""
+    def hold(self, task: Task, recorder: Stoppable, deadline: float | None = None, *, camera: bool = True) -> None:
+        """In flight, holding its camera, with the recorder that records or finalises it.
+
+        `camera=False`: a task that reads the camera's ring without keeping it busy (an export).
+        """
         self._in_flight[task.task_id] = task
-        self._holders[task.camera_id] = task
+        if camera:
+            self._holders[task.camera_id] = task
         self._recorders[task.task_id] = recorder
         if deadline is not None:
             self._deadlines[task.task_id] = deadline

@@ -51,6 +51,11 @@ def iso(dt: datetime) -> str:
     return dt.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def iso_epoch(epoch: float) -> str:
+    """Epoch seconds as `iso` writes them."""
+    return iso(datetime.fromtimestamp(epoch, UTC))
+
+
 def parse_iso(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 

@@ -14,7 +14,7 @@ import itertools
 import subprocess
 import time
 from collections import Counter
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -153,3 +153,38 @@ def _cmdline(proc: Path) -> bytes:
         return (proc / "cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def iso_z(epoch_s: float) -> str:
+    return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def test_export_cuts_a_named_task_from_the_buffer(tmp_path: Path, broker, probe, prefix, make_agent,
+                                                  camera) -> None:  # fmt: skip
+    rig = buffered_rig(tmp_path, broker, probe, prefix, make_agent, camera)
+    rig.start_agent()
+    wait_ring(tmp_path / "ring", 12)
+    now = time.time()
+    since, until = now - 10, now - 4
+    reply = rig.request("cam1", {"action": "export", "task_name": "incident", "from": iso_z(since),
+                                 "to": iso_z(until)})  # fmt: skip
+    assert reply["ok"] is True, reply
+    final = rig.wait_status("cam1", "incident", {"completed", "failed"}, timeout=60)
+    assert final["status"] == "completed", final
+    assert since - BUFFER_SEGMENT - 0.5 <= epoch(final["media_start"]) <= since + 0.5
+    duration = ffprobe_info(Path(final["local_file"]))["duration"]
+    assert (until - since) - 0.5 <= duration <= (until - since) + 2 * BUFFER_SEGMENT + 0.5, duration
+    assert decode_errors(Path(final["local_file"])) == ""
+
+    # The camera stays free: a live task starts while nothing is exported, and an export beside it works.
+    assert rig.request("cam1", {"action": "start", "task_name": "live"})["status"] == "recording"
+
+    # Outside what the ring holds: refused, with the range that is there.
+    old = rig.request("cam1", {"action": "export", "task_name": "too-old", "from": iso_z(now - 300),
+                               "to": iso_z(now - 290)})  # fmt: skip
+    assert old["ok"] is False and old["status"] == "rejected"
+    assert epoch(old["available_from"]) > now - 300 and epoch(old["available_to"]) <= time.time() + 1
+    no_ring = rig.request("cam2", {"action": "export", "task_name": "x", "from": iso_z(now - 5), "to": iso_z(now)})
+    assert no_ring["ok"] is False and "cameras.cam2.buffer_seconds" in no_ring["error"]
+    assert rig.request("cam1", {"action": "stop", "task_name": "live"})["ok"] is True
+    assert rig.wait_status("cam1", "live", {"completed", "failed"}, timeout=60)["status"] == "completed"

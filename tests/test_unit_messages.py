@@ -269,3 +269,34 @@ def test_camera_of_command_round_trip() -> None:
 )
 def test_camera_of_command_rejects_other_topics(topic: str) -> None:
     assert TOPICS.camera_of_command(topic) is None
+
+
+# ---- pre-roll and export ----------------------------------------------------------------------------
+
+
+def test_start_with_pre_roll_and_export_with_a_range() -> None:
+    start = decode_command(b'{"action":"start","task_name":"door","pre_roll_seconds":7.5}', 4096).command
+    assert start is not None and start.pre_roll_seconds == 7.5
+    export = decode_command(b'{"action":"export","task_name":"x","from":"2026-12-06T16:00:00Z",'
+                            b'"to":"2026-12-06T16:00:10.5Z"}', 4096).command  # fmt: skip
+    assert export is not None and export.range_from is not None and export.range_to is not None
+    assert (export.range_to - export.range_from).total_seconds() == 10.5
+
+
+@pytest.mark.parametrize(
+    ("payload", "problem"),
+    [
+        ({"action": "export", "task_name": "x", "from": "2026-12-06T16:00:00Z"}, "needs from and to"),
+        ({"action": "export", "task_name": "x", "from": "2026-12-06T16:00:10Z", "to": "2026-12-06T16:00:00Z"},
+         "to must be after from"),
+        ({"action": "export", "task_name": "x", "from": "2026-12-06T16:00:00", "to": "2026-12-06T16:00:10Z"},
+         "UTC time with its zone"),
+        ({"action": "export", "from": "2026-12-06T16:00:00Z", "to": "2026-12-06T16:00:10Z"}, "needs a task_name"),
+        ({"action": "start", "task_name": "x", "to": "2026-12-06T16:00:10Z"}, "for export, not start"),
+        ({"action": "start", "task_name": "x", "pre_roll_seconds": -1}, "pre_roll_seconds"),
+        ({"action": "start", "task_name": "x", "pre_roll_seconds": "10"}, "pre_roll_seconds"),
+    ],
+)
+def test_bad_pre_roll_and_ranges_are_named(payload: dict[str, object], problem: str) -> None:
+    decoded = decode_command(json.dumps(payload).encode(), 4096)
+    assert decoded.command is None and decoded.error is not None and problem in decoded.error, decoded
