@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from edge_agent import ffmpeg
+from edge_agent import ffmpeg, snapshot
 from edge_agent.config import AgentConfig, secret_values
 from edge_agent.errors import FFmpegNotFound, RecordingError
 from edge_agent.events import (
@@ -51,6 +51,7 @@ from edge_agent.recording import (
     RecordingFinished,
     RecordingSpec,
     SegmentClosed,
+    SnapshotTaken,
 )
 from edge_agent.redact import redact
 from edge_agent.reporter import Publisher, PublishStats, Reporter, Subscriber, free_bytes
@@ -71,7 +72,7 @@ class Shutdown:
     reason: str
 
 
-Event = MqttEvent | RecorderEvent | UploadEvent | Shutdown
+Event = MqttEvent | RecorderEvent | SnapshotTaken | UploadEvent | Shutdown
 
 
 def _default_recorder(spec: RecordingSpec, post: Callable[[RecorderEvent], None], finalise_only: bool) -> Recorder:
@@ -104,6 +105,7 @@ class Agent:
                                self.secrets)  # fmt: skip
         self._intake = CommandIntake(cfg, publisher, self.topics, self.book, self.report.counters, gate)
         self._probe_cache: dict[str, Literal["copy", "transcode"]] = {}
+        self._snapshots: dict[str, tuple[Command, CommandReceived]] = {}  # camera -> the snapshot command pending
         self._ffmpeg_error: str | None = None
         self._handlers: dict[str, Callable[[str, Command], tuple[dict[str, Any], bool]]] = {
             "start": self._cmd_start,
@@ -240,6 +242,8 @@ class Agent:
                 self.tasks.finished(event)
             case RecordingFailed(task_id=tid, error=error):
                 self.tasks.failed(tid, error)
+            case SnapshotTaken():
+                self._snapshot_taken(event)
             case UploadAttempt() | UploadProgress() | UploadRetrying() | UploadFinished() | UploadFailed():
                 self.tasks.upload_event(event)
 
@@ -251,6 +255,9 @@ class Agent:
         if cmd is None:
             return
         camera = ev.camera_id
+        if cmd.action == "snapshot":  # answered when the grab ends (SnapshotTaken)
+            self._snapshot(camera, cmd, ev)
+            return
         log.info("command %s on %s (task %r, request %r)", cmd.action, camera, cmd.task_name, cmd.request_id)
         try:
             doc, ok = self._handlers[cmd.action](camera, cmd)
@@ -319,6 +326,36 @@ class Agent:
             return doc, False
         task = self.tasks.export(camera, cmd.task_name, since, until, cmd.request_id)
         return task.status_doc(), True
+
+    def _snapshot(self, camera: str, cmd: Command, ev: CommandReceived) -> None:
+        """Start a grab (from the ring if the camera has one); one at a time per camera."""
+        if camera in self._snapshots or self.tasks.tools is None:
+            error = "a snapshot of this camera is already being taken" if camera in self._snapshots else (
+                self._ffmpeg_error or "FFmpeg not found")  # fmt: skip
+            self._intake.reply(camera, {"status": "error", "camera_id": camera, "error": error}, False,
+                               cmd.request_id, ev)  # fmt: skip
+            return
+        self._snapshots[camera] = (cmd, ev)
+        buffer = self.tasks.buffers.get(camera)
+        newest = buffer.newest() if buffer is not None else None
+        source = newest.path if newest is not None else self.cfg.stream_input(camera)
+        snapshot.take_async(camera, self.tasks.tools[0], source, newest.start if newest is not None else None,
+                            self.cfg.recording.probe_timeout_seconds, self.secrets, self.events.put)  # fmt: skip
+
+    def _snapshot_taken(self, ev: SnapshotTaken) -> None:
+        """Publish the JPEG (retained, raw bytes) and answer the command that asked for it."""
+        pending = self._snapshots.pop(ev.camera_id, None)
+        if ev.error is None:
+            self._pub.publish(self.topics.snapshot(ev.camera_id), ev.jpeg, retain=True)
+            doc: dict[str, Any] = {
+                "status": "snapshot", "camera_id": ev.camera_id, "frame_time": iso_epoch(ev.frame_time),
+                "bytes": len(ev.jpeg), "topic": self.topics.snapshot(ev.camera_id),
+            }  # fmt: skip
+        else:
+            doc = {"status": "error", "camera_id": ev.camera_id, "error": f"snapshot failed: {ev.error}"}
+        if pending is not None:
+            cmd, command = pending
+            self._intake.reply(ev.camera_id, doc, ev.error is None, cmd.request_id, command)
 
     def _cmd_stop(self, camera: str, cmd: Command) -> tuple[dict[str, Any], bool]:
         task = self.book.holder(camera)

@@ -161,6 +161,11 @@ class CameraBuffer(Recorder):
         with self._lock, contextlib.suppress(ValueError):
             self._subscribers.remove(sub)
 
+    def newest(self) -> BufferedSegment | None:
+        """The newest closed segment (a snapshot's source), or None when the ring is empty."""
+        with self._lock:
+            return self._ring[-1] if self._ring else None
+
     def holds(self) -> tuple[float, float] | None:
         """(first, last) wall-clock second the ring holds now, or None when it is empty."""
         with self._lock:

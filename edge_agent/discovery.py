@@ -26,6 +26,7 @@ MANUFACTURER = "edge-agent"
 ORIGIN = "edge-agent"
 STATE_FILE = ".ha-discovery.json"
 START_PAYLOAD = "ON"
+SNAPSHOT_PAYLOAD = '{"action":"snapshot"}'
 STOP_PAYLOAD = "OFF"
 
 
@@ -85,6 +86,13 @@ def camera_config(cfg: AgentConfig, camera_id: str, version: str) -> dict[str, A
             "status": {
                 "p": "sensor", "unique_id": f"{node}_status", "name": "Task status", "icon": "mdi:cctv",
                 "state_topic": status, "value_template": "{{ value_json.status }}", "json_attributes_topic": status,
+            },
+            "snapshot": {
+                "p": "camera", "unique_id": f"{node}_snapshot", "name": "Snapshot", "topic": topics.snapshot(camera_id),
+            },
+            "take_snapshot": {
+                "p": "button", "unique_id": f"{node}_take_snapshot", "name": "Take snapshot", "icon": "mdi:camera",
+                "command_topic": topics.command(camera_id), "payload_press": SNAPSHOT_PAYLOAD,
             },
         },
     }  # fmt: skip

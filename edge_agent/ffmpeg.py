@@ -199,6 +199,15 @@ def concat_list(segments: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def snapshot_argv(ffmpeg: str, source: StreamInput | Path) -> list[str]:
+    """One JPEG of the first frame of a camera (one-shot grab) or of a ring segment, on stdout."""
+    inputs = source.input_options() if isinstance(source, StreamInput) else ["-i", str(source)]
+    return [
+        ffmpeg, "-hide_banner", "-loglevel", "error", "-nostdin", *inputs,
+        "-map", "0:v:0", "-frames:v", "1", "-c:v", "mjpeg", "-q:v", "3", "-f", "image2", "pipe:1",
+    ]  # fmt: skip
+
+
 def is_segment(path: Path) -> bool:
     """A segment file the recorder wrote (`seg_<number>.mp4`, or `.ts` from older agents)."""
     stem, _, number = path.stem.partition("_")

@@ -29,7 +29,7 @@ from edge_agent.tasks import ACTIVE_STATUSES, TERMINAL_STATUSES, UPLOAD_STATUSES
 
 __all__ = ["ACTIVE_STATUSES", "TERMINAL_STATUSES", "UPLOAD_STATUSES", "Status"]  # re-exported
 
-Action = Literal["start", "stop", "status", "query", "pause_uploads", "resume_uploads", "export"]
+Action = Literal["start", "stop", "status", "query", "pause_uploads", "resume_uploads", "export", "snapshot"]
 
 
 MAX_TASK_NAME_BYTES = names.MAX_NAME_BYTES

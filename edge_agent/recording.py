@@ -62,6 +62,16 @@ class MediaRange:
     media_start: float
 
 
+@dataclass(frozen=True)
+class SnapshotTaken:
+    """A snapshot grab ended: the JPEG and the time of its frame (epoch seconds), or why not."""
+
+    camera_id: str
+    jpeg: bytes = field(repr=False)
+    frame_time: float
+    error: str | None = None
+
+
 RecorderEvent = MediaRange | Probed | MediaStarted | SegmentClosed | Interrupted | RecordingFinished | RecordingFailed
 
 

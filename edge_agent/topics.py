@@ -8,6 +8,7 @@
     P/D/uploads             retained  upload backlog summary
     P/D/C/events            flow events (started, stopped, uploaded, failed, completed)
     P/D/telemetry           retained  periodic health summary
+    P/D/C/snapshot          retained  the newest snapshot, raw JPEG bytes
 
 Home Assistant (see `DiscoveryTopics`):
 
@@ -73,6 +74,10 @@ class Topics:
 
     def status(self, camera_id: str) -> str:
         return f"{self.base}/{camera_id}/status"
+
+    def snapshot(self, camera_id: str) -> str:
+        """P/D/C/snapshot: the newest snapshot as raw JPEG bytes (retained; Home Assistant's MQTT camera)."""
+        return f"{self.base}/{camera_id}/snapshot"
 
     def task(self, camera_id: str, task_name: str) -> str:
         return f"{self.base}/{camera_id}/tasks/{task_name}"

@@ -188,3 +188,22 @@ def test_export_cuts_a_named_task_from_the_buffer(tmp_path: Path, broker, probe,
     assert no_ring["ok"] is False and "cameras.cam2.buffer_seconds" in no_ring["error"]
     assert rig.request("cam1", {"action": "stop", "task_name": "live"})["ok"] is True
     assert rig.wait_status("cam1", "live", {"completed", "failed"}, timeout=60)["status"] == "completed"
+
+
+def test_snapshot_from_the_buffer_and_from_a_camera_without_one(tmp_path: Path, broker, probe, prefix, make_agent,
+                                                               camera) -> None:  # fmt: skip
+    rig = buffered_rig(tmp_path, broker, probe, prefix, make_agent, camera)
+    rig.start_agent()
+    wait_ring(tmp_path / "ring", 2)
+    for cam in ("cam1", "cam2"):  # cam1 from its ring, cam2 by a one-shot grab
+        asked = time.time()
+        reply = rig.request(cam, {"action": "snapshot"}, timeout=40)
+        assert reply["ok"] is True and reply["status"] == "snapshot", reply
+        frame_time = epoch(reply["frame_time"])
+        assert asked - 2 * BUFFER_SEGMENT - 1.0 <= frame_time <= time.time() + 0.5, (cam, frame_time - asked)
+        jpeg = probe.wait_for_raw(reply["topic"], lambda p: p.startswith(b"\xff\xd8"), timeout=10).payload
+        assert len(jpeg) == reply["bytes"]
+        path = tmp_path / f"{cam}.jpg"
+        path.write_bytes(jpeg)
+        info = ffprobe_info(path)
+        assert (info["codec"], info["width"], info["height"]) == ("mjpeg", 1280, 720), info

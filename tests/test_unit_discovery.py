@@ -22,13 +22,14 @@ from edge_agent import __version__, discovery
 from edge_agent.config import AgentConfig, parse_config
 from edge_agent.errors import ConfigError
 from edge_agent.journal import Journal
-from edge_agent.messages import parse_switch, transition_events
+from edge_agent.messages import decode_command, parse_switch, transition_events
 from edge_agent.mqtt import Connected, MessageReceived
 from edge_agent.recording import Interrupted, MediaStarted, RecordingFailed
 from edge_agent.uploads import UploadFinished
 
 P_D = "edge/edge-01"
-REQUIRED_BY_PLATFORM = {"button": {"command_topic"}, "binary_sensor": {"state_topic"}, "sensor": {"state_topic"}}
+REQUIRED_BY_PLATFORM = {"button": {"command_topic"}, "binary_sensor": {"state_topic"}, "sensor": {"state_topic"},
+                        "camera": {"topic"}}  # fmt: skip
 
 
 def config(tmp: Path, **extra: Any) -> AgentConfig:
@@ -100,7 +101,7 @@ def test_camera_discovery_has_what_ha_requires(tmp_path: Path) -> None:
     assert doc["o"]["name"] == "edge-agent" and doc["o"]["sw_version"] == "9.9"
     assert (doc["avty_t"], doc["pl_avail"], doc["pl_not_avail"]) == (f"{P_D}/status", "online", "offline")
     cmps = doc["cmps"]
-    assert {c["p"] for c in cmps.values()} == {"button", "binary_sensor", "sensor"}
+    assert {c["p"] for c in cmps.values()} == {"button", "binary_sensor", "sensor", "camera"}
     for obj_id, comp in cmps.items():
         assert re.fullmatch(r"[A-Za-z0-9_-]+", obj_id)
         assert comp["unique_id"].startswith("edge-01_cam1_")
@@ -112,6 +113,11 @@ def test_camera_discovery_has_what_ha_requires(tmp_path: Path) -> None:
     assert parse_switch(cmps["stop"]["payload_press"].encode()) == "stop"
     assert cmps["status"]["state_topic"] == cmps["status"]["json_attributes_topic"] == f"{P_D}/cam1/status"
     assert cmps["recording"]["state_topic"] == f"{P_D}/cam1/status"
+    # The snapshot: an MQTT camera on the raw-JPEG topic, and a button that asks for a new one.
+    assert cmps["snapshot"]["topic"] == f"{P_D}/cam1/snapshot"
+    taken = decode_command(cmps["take_snapshot"]["payload_press"].encode(), 4096).command
+    assert taken is not None and taken.action == "snapshot"
+    assert cmps["take_snapshot"]["command_topic"] == f"{P_D}/cam1/cmd"
 
 
 @pytest.mark.parametrize(
