@@ -103,6 +103,17 @@ def test_unknown_nested_camera_key_is_named() -> None:
     assert "cameras.cam1.urll" in config_error(doc)
 
 
+def test_pre_roll_needs_a_buffer_long_enough() -> None:
+    doc = base_doc()
+    doc["cameras"]["cam1"]["pre_roll_seconds"] = 10
+    text = config_error(doc)
+    assert "cameras.cam1" in text and "pre_roll_seconds (10)" in text and "buffer_seconds (0)" in text
+    doc["cameras"]["cam1"]["buffer_seconds"] = 30
+    cfg = parse_config(doc, env={})
+    assert cfg.cameras["cam1"].pre_roll_seconds == 10
+    assert cfg.buffer_dir("cam1").name == "cam1" and "edge-01" in str(cfg.buffer_dir("cam1"))
+
+
 def test_stall_timeout_must_outlast_progress_reports() -> None:
     doc = base_doc()
     doc["recording"].update(stall_timeout_seconds=3, stats_period_seconds=2)
