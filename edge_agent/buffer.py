@@ -132,16 +132,23 @@ class CameraBuffer(Recorder):
             self._bytes += size
             for sub in self._subscribers:
                 sub.put(seg)
+            # Room is kept for the segment FFmpeg is writing now (about the size of the one just
+            # closed), so the ring on disk stays under the cap, not just its closed part.
             expired = []
-            while self._ring and (
-                self._ring[0].end < end - self.seconds - seconds or self._bytes > self.max_bytes
-            ) and len(self._ring) > 1:
+            while len(self._ring) > 1 and (
+                self._ring[0].end < end - self.seconds - seconds or self._bytes + size > self.max_bytes
+            ):
                 old = self._ring.popleft()
                 self._bytes -= old.size
                 expired.append(old)
         for old in expired:
             with contextlib.suppress(OSError):
                 old.path.unlink()
+
+    def ring_bytes(self) -> int:
+        """Bytes of the closed segments in the ring (the one being written comes on top)."""
+        with self._lock:
+            return self._bytes
 
     def stop(self, timeout: float = 15.0) -> None:
         self.request_stop()
