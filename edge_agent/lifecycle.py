@@ -135,7 +135,8 @@ class Lifecycle:
                 continue
             ring = self.cfg.buffer_dir(camera)
             spec = RecordingSpec(
-                task_id=f"{camera}/buffer", camera_id=camera, stream=self.cfg.stream_input(camera), mode="copy",
+                task_id=f"{camera}/buffer", camera_id=camera, stream=self.cfg.stream_input(camera),
+                mode=self.cfg.camera_video_mode(camera),
                 segment_dir=ring, output_file=ring / "unused.mp4", ffmpeg=self.tools[0], ffprobe=self.tools[1],
                 segment_seconds=BUFFER_SEGMENT_SECONDS, first_frame_timeout=rc.first_frame_timeout_seconds,
                 stall_timeout=rc.stall_timeout_seconds, stop_timeout=rc.stop_timeout_seconds,
