@@ -11,8 +11,9 @@ stream for the same simulator cost). Per round, side by side over the same windo
 Then, on the running agent, K ``start`` commands with ``pre_roll_seconds`` 5 on buffered cameras, one
 at a time: publish -> the task's retained ``recording`` status received, beside the broker's own
 QoS 1 round trip measured by the same client; each task is stopped before the next. All the while
-(the window and the starts) the bytes on disk of every ring directory are sampled every 0.5 s and
-compared with the cap.
+(the window and the starts) the bytes on disk of every ring directory are sampled every 0.5 s: the
+closed segments are compared with the cap; the one FFmpeg is writing comes on top (its size is the
+camera's: a segment ends at the first keyframe after 2 s).
 
 Results (raw per-round rows, commit and machine facts) go to ``docs/results/buffer_<date-time>.json``.
 
@@ -53,14 +54,17 @@ CAP = 1024 * 1024  # per camera: less than 10 s of this stream, so the cap, not 
 PATTERN = "smpte horizontal-speed=4"  # moving bars: about 1 Mbit/s at 720p
 
 
-def ring_bytes(ring: Path) -> int:
-    total = 0
+def ring_bytes(ring: Path) -> tuple[int, int]:
+    """(bytes of the closed segments, bytes of all, the one FFmpeg is writing included)."""
+    sizes: dict[str, int] = {}
     for p in ring.glob("seg_*"):
         try:
-            total += p.stat().st_size
+            sizes[p.name] = p.stat().st_size
         except OSError:  # pruned while we looked
             pass
-    return total
+    total = sum(sizes.values())
+    newest = max(sizes, default=None)  # names sort by number: the newest is the one being written
+    return total - (sizes[newest] if newest else 0), total
 
 
 class ByteWatch(threading.Thread):
@@ -69,14 +73,21 @@ class ByteWatch(threading.Thread):
     def __init__(self, rings: list[Path]) -> None:
         super().__init__(name="bytewatch", daemon=True)
         self.rings = rings
-        self.max_seen = dict.fromkeys(map(str, rings), 0)
+        self.max_seen = dict.fromkeys(map(str, rings), 0)  # closed segments
+        self.max_total = dict.fromkeys(map(str, rings), 0)  # with the segment being written
         self.samples = 0
+        self.worst_files: dict[str, list[tuple[str, int]]] = {}
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.wait(0.5):
             for ring in self.rings:
-                self.max_seen[str(ring)] = max(self.max_seen[str(ring)], ring_bytes(ring))
+                size, total = ring_bytes(ring)
+                self.max_total[str(ring)] = max(self.max_total[str(ring)], total)
+                if size > self.max_seen[str(ring)]:
+                    self.max_seen[str(ring)] = size
+                    self.worst_files[str(ring)] = sorted((p.name, p.stat().st_size) for p in ring.glob("seg_*")
+                                                         if p.exists())  # fmt: skip
             self.samples += 1
 
 
@@ -181,6 +192,7 @@ def main() -> None:
     lat = {"p50": percentile(latency, 50), "p95": percentile(latency, 95), "max": max(latency)} if latency else {}
     rtt = {"p50": percentile(rtts, 50), "p95": percentile(rtts, 95)} if rtts else {}
     worst_bytes = max(watch.max_seen.values()) if watch.max_seen else 0
+    worst_total = max(watch.max_total.values()) if watch.max_total else 0
     print(f"\n### Buffered cameras, {n} x 1280x720 25 fps copy, {rounds} round(s) of {window:g} s\n")
     print(md_table(["round", "agent CPU-s (of which Python)", "plain CPU-s", "ratio agent/plain (goal <= 1.10)"],
                    [[r["round"], f"{r['agent_cpu_s']:.2f} ({r['agent_python_cpu_s']:.2f})", f"{r['plain_cpu_s']:.2f}",
@@ -191,8 +203,9 @@ def main() -> None:
     print(f"start -> recording ({len(latency)} starts): p50 {fmt(lat.get('p50'))} s, p95 {fmt(lat.get('p95'))} s, "
           f"max {fmt(lat.get('max'))} s; broker QoS 1 round trip p50 {fmt(rtt.get('p50'))} s, "
           f"p95 {fmt(rtt.get('p95'))} s; p95 margin {fmt(margin)} s (goal <= 0.050)")  # fmt: skip
-    print(f"ring bytes: largest seen {worst_bytes} of a {CAP} cap over {watch.samples} samples x {n} rings "
-          f"({'within' if worst_bytes <= CAP else 'OVER'} the cap)")
+    print(f"ring bytes (closed segments): largest seen {worst_bytes} of a {CAP} cap over {watch.samples} samples x "
+          f"{n} rings ({'within' if worst_bytes <= CAP else 'OVER'} the cap); with the segment being written: "
+          f"{worst_total}")  # fmt: skip
     path = write_docs_results("buffer", {
         "quick": args.quick,
         "settings": {"cameras": n, "rounds": rounds, "window_s": window, "starts": starts, "cap_bytes": CAP,
@@ -201,7 +214,9 @@ def main() -> None:
         "facts": run_facts(load_before), "elapsed_s": elapsed, "rows": rows,
         "ratio_median": statistics.median(ratios) if ratios else None,
         "start_to_recording_s": latency, "broker_rtt_s": rtts, "latency": lat, "rtt": rtt,
-        "ring_bytes_max": watch.max_seen, "ring_bytes_samples": watch.samples,
+        "ring_bytes_max": watch.max_seen,
+        "ring_bytes_max_with_open_segment": watch.max_total, "ring_bytes_samples": watch.samples,
+        "ring_files_at_max": watch.worst_files,
     }, args.results_dir)  # fmt: skip
     print(f"\n(elapsed {elapsed:.0f} s) results: {path}")
 
