@@ -1,7 +1,8 @@
 """Buffered cameras (pre-roll) against bare FFmpeg: CPU of N always-on rings, start latency, the byte cap.
 
-One camera simulator (1280x720 25 fps moving bars, one shared mount: every reader gets the same
-stream for the same simulator cost). Per round, side by side over the same window:
+Two camera simulators with the same settings (1280x720 25 fps moving bars, one shared mount each:
+every reader of a mount gets the same stream for the same simulator cost), one read by the agent,
+one by the plain FFmpegs. Per round, side by side over the same window:
 
 (a) plain: N x ``ffmpeg -rtsp_transport tcp -i URL -c copy -movflags +faststart out.mp4``: the floor;
 (b) agent: one agent with N cameras, each ``buffer_seconds`` 10 and a ``buffer_max_bytes`` cap,
@@ -122,9 +123,14 @@ def main() -> None:
     latency: list[float] = []
     rtts: list[float] = []
     t_start = time.monotonic()
-    with Mosquitto(base / "mq") as broker, CameraSim(base / "cam", mounts=["cam1"], width=1280, height=720, fps=25,
-                                                     pattern=PATTERN) as cam:  # fmt: skip
-        url = cam.url("cam1")
+    # Two simulators with the same settings: one for the agent's rings, one for the plain FFmpegs. With
+    # one shared mount, the plain clients joining and leaving each round made the GStreamer server
+    # burst its stream to everyone (measured: 12 s of stream time in 20 s of wall time, one 2-second
+    # segment of 2.1 MB instead of 0.5 MB), which is the simulator's doing, not a camera's.
+    with Mosquitto(base / "mq") as broker, \
+            CameraSim(base / "cam", mounts=["cam1"], width=1280, height=720, fps=25, pattern=PATTERN) as cam, \
+            CameraSim(base / "cam-plain", mounts=["cam1"], width=1280, height=720, fps=25, pattern=PATTERN) as cam2:
+        url, plain_url = cam.url("cam1"), cam2.url("cam1")
         cams = [f"c{i:02d}" for i in range(n)]
         rings = [base / "rings" / c for c in cams]
         prefix = f"buf{uuid.uuid4().hex[:6]}"
@@ -149,7 +155,7 @@ def main() -> None:
             try:
                 for rnd in range(rounds):
                     plain = [Child(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-rtsp_transport", "tcp",
-                                    "-i", url, "-c", "copy", "-movflags", "+faststart",
+                                    "-i", plain_url, "-c", "copy", "-movflags", "+faststart",
                                     str(base / f"plain{rnd}-{i}.mp4")], base / "logs" / f"plain{rnd}-{i}.log",
                                    stdin=True) for i in range(n)]  # fmt: skip
                     time.sleep(5.0)  # plain FFmpegs past their start-up
