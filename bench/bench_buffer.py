@@ -149,9 +149,11 @@ def main() -> None:
             agent = AgentProcess(cfg_path, base / "agent").start()
             probe.wait_for_raw(f"{prefix}/{DEVICE}/status", lambda p: b"online" in p, timeout=60)
             watch = ByteWatch(rings)
-            watch.start()
             log(f"{n} buffered cameras: waiting for the rings to fill")
             time.sleep(15.0)
+            # Sampled from here: at start-up the 16 rings join the simulator's shared mount at once and
+            # it bursts (a first segment of ~5 MB); the ring keeps its newest segment whatever its size.
+            watch.start()
             try:
                 for rnd in range(rounds):
                     plain = [Child(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-rtsp_transport", "tcp",
