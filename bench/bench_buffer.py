@@ -151,8 +151,12 @@ def main() -> None:
             watch = ByteWatch(rings)
             log(f"{n} buffered cameras: waiting for the rings to fill")
             time.sleep(15.0)
-            # Sampled from here: at start-up the 16 rings join the simulator's shared mount at once and
-            # it bursts (a first segment of ~5 MB); the ring keeps its newest segment whatever its size.
+            # Sampled once every ring has moved past its first segments: at start-up the rings join the
+            # simulator's shared mount at once and it bursts (measured: a first segment of ~4.5 MB,
+            # 15 s long in wall time); the ring keeps its newest segment whatever its size.
+            deadline = time.monotonic() + 90
+            while not all((r / "seg_000008.mp4").exists() for r in rings) and time.monotonic() < deadline:
+                time.sleep(0.5)
             watch.start()
             try:
                 for rnd in range(rounds):
