@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from edge_agent import ffmpeg, snapshot
-from edge_agent.config import AgentConfig, secret_values
+from edge_agent.config import AgentConfig
+from edge_agent.configload import secret_values
 from edge_agent.errors import FFmpegNotFound, RecordingError
 from edge_agent.events import (
     CommandReceived,
@@ -37,7 +38,7 @@ from edge_agent.events import (
 )
 from edge_agent.intake import CommandIntake
 from edge_agent.journal import Journal
-from edge_agent.lifecycle import BUFFER_SEGMENT_SECONDS, Lifecycle, RecorderFactory, UploadSubmitter
+from edge_agent.lifecycle import Lifecycle, RecorderFactory, UploadSubmitter
 from edge_agent.limits import InboundGate
 from edge_agent.messages import Command
 from edge_agent.recorder import Recorder, probe_camera
@@ -57,7 +58,7 @@ from edge_agent.redact import redact
 from edge_agent.reporter import Publisher, PublishStats, Reporter, Subscriber, free_bytes
 from edge_agent.retention import apply_retention
 from edge_agent.taskbook import BUSY_STATUSES, TaskBook
-from edge_agent.tasks import ACTIVE_STATUSES, UPLOAD_STATUSES, Status, Task, iso_epoch
+from edge_agent.tasks import ACTIVE_STATUSES, Status, Task
 from edge_agent.topics import Topics
 
 __all__ = ["Agent", "Event", "Publisher", "RecorderFactory", "Shutdown", "UploadSubmitter"]
@@ -105,7 +106,8 @@ class Agent:
                                self.secrets)  # fmt: skip
         self._intake = CommandIntake(cfg, publisher, self.topics, self.book, self.report.counters, gate)
         self._probe_cache: dict[str, Literal["copy", "transcode"]] = {}
-        self._snapshots: dict[str, tuple[Command, CommandReceived]] = {}  # camera -> the snapshot command pending
+        self._snapshots = snapshot.Snapshots(cfg, publisher, self.topics, self._intake, self.tasks, self.secrets,
+                                             events.put)  # fmt: skip
         self._ffmpeg_error: str | None = None
         self._handlers: dict[str, Callable[[str, Command], tuple[dict[str, Any], bool]]] = {
             "start": self._cmd_start,
@@ -243,7 +245,7 @@ class Agent:
             case RecordingFailed(task_id=tid, error=error):
                 self.tasks.failed(tid, error)
             case SnapshotTaken():
-                self._snapshot_taken(event)
+                self._snapshots.taken(event)
             case UploadAttempt() | UploadProgress() | UploadRetrying() | UploadFinished() | UploadFailed():
                 self.tasks.upload_event(event)
 
@@ -256,7 +258,7 @@ class Agent:
             return
         camera = ev.camera_id
         if cmd.action == "snapshot":  # answered when the grab ends (SnapshotTaken)
-            self._snapshot(camera, cmd, ev)
+            self._snapshots.request(camera, cmd, ev, self._ffmpeg_error)
             return
         log.info("command %s on %s (task %r, request %r)", cmd.action, camera, cmd.task_name, cmd.request_id)
         try:
@@ -305,57 +307,9 @@ class Agent:
         return task.status_doc(), True
 
     def _cmd_export(self, camera: str, cmd: Command) -> tuple[dict[str, Any], bool]:
-        """A named task from what the camera's ring holds, [from, to]; a range outside it is refused
-        with the range that is there."""
         assert cmd.task_name is not None and cmd.range_from is not None and cmd.range_to is not None
-        buffer = self.tasks.buffers.get(camera)
-        if buffer is None:
-            error = f"export needs a buffer: set cameras.{camera}.buffer_seconds"
-            return {"status": "rejected", "camera_id": camera, "error": error}, False
-        busy = self.book.kept(camera, cmd.task_name)
-        if busy is not None and busy.status in ACTIVE_STATUSES | UPLOAD_STATUSES:
-            return busy.status_doc(), False
-        since, until = cmd.range_from.timestamp(), cmd.range_to.timestamp()
-        held = buffer.holds()
-        slack = BUFFER_SEGMENT_SECONDS  # the ring closes a segment every this many seconds
-        if held is None or since < held[0] or until > max(held[1], time.time()) + slack:
-            doc: dict[str, Any] = {"status": "rejected", "camera_id": camera,
-                                   "error": "the range is not in the camera's buffer"}  # fmt: skip
-            if held is not None:
-                doc["available_from"], doc["available_to"] = iso_epoch(held[0]), iso_epoch(held[1])
-            return doc, False
-        task = self.tasks.export(camera, cmd.task_name, since, until, cmd.request_id)
-        return task.status_doc(), True
-
-    def _snapshot(self, camera: str, cmd: Command, ev: CommandReceived) -> None:
-        """Start a grab (from the ring if the camera has one); one at a time per camera."""
-        if camera in self._snapshots or self.tasks.tools is None:
-            error = "a snapshot of this camera is already being taken" if camera in self._snapshots else (
-                self._ffmpeg_error or "FFmpeg not found")  # fmt: skip
-            self._intake.reply(camera, {"status": "error", "camera_id": camera, "error": error}, False,
-                               cmd.request_id, ev)  # fmt: skip
-            return
-        self._snapshots[camera] = (cmd, ev)
-        buffer = self.tasks.buffers.get(camera)
-        newest = buffer.newest() if buffer is not None else None
-        source = newest.path if newest is not None else self.cfg.stream_input(camera)
-        snapshot.take_async(camera, self.tasks.tools[0], source, newest.start if newest is not None else None,
-                            self.cfg.recording.probe_timeout_seconds, self.secrets, self.events.put)  # fmt: skip
-
-    def _snapshot_taken(self, ev: SnapshotTaken) -> None:
-        """Publish the JPEG (retained, raw bytes) and answer the command that asked for it."""
-        pending = self._snapshots.pop(ev.camera_id, None)
-        if ev.error is None:
-            self._pub.publish(self.topics.snapshot(ev.camera_id), ev.jpeg, retain=True)
-            doc: dict[str, Any] = {
-                "status": "snapshot", "camera_id": ev.camera_id, "frame_time": iso_epoch(ev.frame_time),
-                "bytes": len(ev.jpeg), "topic": self.topics.snapshot(ev.camera_id),
-            }  # fmt: skip
-        else:
-            doc = {"status": "error", "camera_id": ev.camera_id, "error": f"snapshot failed: {ev.error}"}
-        if pending is not None:
-            cmd, command = pending
-            self._intake.reply(ev.camera_id, doc, ev.error is None, cmd.request_id, command)
+        return self.tasks.export(camera, cmd.task_name, cmd.range_from.timestamp(), cmd.range_to.timestamp(),
+                                 cmd.request_id)  # fmt: skip
 
     def _cmd_stop(self, camera: str, cmd: Command) -> tuple[dict[str, Any], bool]:
         task = self.book.holder(camera)

@@ -19,7 +19,8 @@ from types import FrameType
 
 from edge_agent import __version__, ctl, durable, ffmpeg, notify, tls
 from edge_agent.agent import Agent, Event, Shutdown
-from edge_agent.config import AgentConfig, load_config, secret_values
+from edge_agent.config import AgentConfig
+from edge_agent.configload import load_config, secret_values
 from edge_agent.errors import ConfigError
 from edge_agent.journal import Journal
 from edge_agent.limits import InboundGate

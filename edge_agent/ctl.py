@@ -34,7 +34,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edge_agent.config import AgentConfig, load_config
+from edge_agent.config import AgentConfig
+from edge_agent.configload import load_config
 from edge_agent.errors import ConfigError
 from edge_agent.mqttclient import describe_connect_error, new_client
 from edge_agent.tasks import TERMINAL_OK_STATUSES, TERMINAL_STATUSES

@@ -93,12 +93,28 @@ class Lifecycle:
         rec.start()
         return task
 
-    def export(self, camera: str, name: str, since: float, until: float, request_id: str | None) -> Task:
-        """A task cut from the camera's ring, [since, until]: finalised and shipped like any other.
+    def export(self, camera: str, name: str, since: float, until: float,
+               request_id: str | None) -> tuple[dict[str, Any], bool]:  # fmt: skip
+        """A task cut from the camera's ring, [since, until], finalised and shipped like any other; the
+        reply. A range outside the ring is refused with the range that is there.
 
         It never holds the camera (a live recording can run beside it) and goes straight to `stopping`.
         """
-        buffer = self.buffers[camera]
+        buffer = self.buffers.get(camera)
+        if buffer is None:
+            error = f"export needs a buffer: set cameras.{camera}.buffer_seconds"
+            return {"status": "rejected", "camera_id": camera, "error": error}, False
+        busy = self.book.kept(camera, name)
+        if busy is not None and busy.status in ACTIVE_STATUSES | UPLOAD_STATUSES:
+            return busy.status_doc(), False
+        held = buffer.holds()
+        # the ring closes a segment every BUFFER_SEGMENT_SECONDS: an end that recent is about to be there
+        if held is None or since < held[0] or until > max(held[1], time.time()) + BUFFER_SEGMENT_SECONDS:
+            doc: dict[str, Any] = {"status": "rejected", "camera_id": camera,
+                                   "error": "the range is not in the camera's buffer"}  # fmt: skip
+            if held is not None:
+                doc["available_from"], doc["available_to"] = iso_epoch(held[0]), iso_epoch(held[1])
+            return doc, False
         storage = self.cfg.storage
         task = new_task(camera, name, self.cfg.device_id, self.cfg.recording.output_dir, storage.type,
                         storage.bucket, max(1, int(until - since) + 1))  # fmt: skip
@@ -109,7 +125,7 @@ class Lifecycle:
         self.remember(task)
         self.report.task(task)
         rec.start()
-        return task
+        return task.status_doc(), True
 
     def spec(self, task: Task, mode: Mode) -> RecordingSpec:
         rc = self.cfg.recording

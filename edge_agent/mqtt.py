@@ -13,7 +13,6 @@ import functools
 import logging
 import random
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from edge_agent.events import (  # re-exported: the link's events
     OutboxReady,
 )
 from edge_agent.limits import InboundGate
-from edge_agent.mqttclient import UNINFORMATIVE_ERRORS, DiagnosingClient, describe_connect_error, new_client
+from edge_agent.mqttclient import DiagnosingClient, FailureLog, new_client
 from edge_agent.outbox import INPUT_REASONS, PACKET_OVERHEAD, Outbox, PoisonGuard
 from edge_agent.topics import Topics
 
@@ -85,7 +84,7 @@ class MqttLink:
         self._client.max_inflight_messages_set(100)
         # The last cause logged per broker address: a failure is logged once, again only when its cause
         # changes (DEBUG otherwise), and afresh after a successful connection.
-        self._failure_causes: dict[tuple[str, int], str] = {}
+        self._failures = FailureLog(cfg.tls.enabled)
         self._client.will_set(topics.availability, b"offline", qos=1, retain=True)
         self._failed_attempts = 0
         self._jitter_reconnect()
@@ -270,7 +269,7 @@ class MqttLink:
         got_connack, self._got_connack = self._got_connack, False
         if was:
             self._failed_attempts = 0
-            self._failure_causes.clear()
+            self._failures.clear()
         if got_connack:
             self._check_poison(reason_code)
         self._jitter_reconnect()
@@ -305,33 +304,10 @@ class MqttLink:
         self._jitter_reconnect()
 
     def _connect_failed_with(self, exc: OSError | None) -> None:
-        host, port = self._client.attempt_address
-        known = self._failure_causes.get((host, port))
-        if known is not None and (exc is None or isinstance(exc, UNINFORMATIVE_ERRORS)):
-            # A bare EOF or reset after a known cause says nothing new (seen under load with an expired
-            # client certificate: now and then the broker's alert is lost to the TCP reset); keep the cause.
-            self._client.attempt_reported = True
-            log.debug("connection attempt failed again: %s (last reported: %s)",
-                      describe_connect_error(exc, host, port), known)  # fmt: skip
-            return
-        # TLS problems need a person (certificates, CA); a broker that is down or restarting does not.
-        tls_problem = isinstance(exc, ssl.SSLError) or (exc is None and self._cfg.tls.enabled)
-        level = logging.ERROR if tls_problem else logging.WARNING
-        self._connect_failed(level, describe_connect_error(exc, host, port))
+        self._failures.failed_with(self._client, exc)
 
     def _connect_failed(self, level: int, cause: str) -> None:
-        """Log why this connection attempt failed: once per cause and address, DEBUG while it repeats.
-
-        A device retries forever with backoff; one line per attempt would bury the cause (and fill a
-        small disk), no line at all would leave a wrong CA or an expired certificate a mystery.
-        """
-        self._client.attempt_reported = True
-        address = self._client.attempt_address
-        if self._failure_causes.get(address) == cause:
-            log.debug("connection attempt failed again: %s", cause)
-            return
-        self._failure_causes[address] = cause
-        log.log(level, "%s; retrying with backoff", cause)
+        self._failures.failed(self._client, level, cause)
 
     def _next_endpoint(self) -> None:
         """With a broker cluster (`mqtt.hosts`), try the next node at the next reconnect."""

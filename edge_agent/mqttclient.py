@@ -8,6 +8,7 @@ each connection attempt, which `describe_connect_error` turns into one line nami
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 from typing import Any, TypeVar
@@ -17,6 +18,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from edge_agent.config import MqttConfig
 from edge_agent.tls import client_context
+
+log = logging.getLogger("edge_agent.mqtt")  # the link's messages, whichever module writes them
 
 C = TypeVar("C", bound=paho.Client)
 
@@ -145,3 +148,43 @@ def describe_connect_error(exc: OSError | None, host: str, port: int) -> str:
     if isinstance(exc, TimeoutError):
         return f"cannot connect to {where}: timed out"
     return f"connection to {where} failed: {exc.strerror or exc or type(exc).__name__}"
+
+
+class FailureLog:
+    """Why connection attempts fail, logged once per cause and broker address (DEBUG while it repeats).
+
+    A device retries forever with backoff; one line per attempt would bury the cause (and fill a
+    small disk), no line at all would leave a wrong CA or an expired certificate a mystery.
+    """
+
+    def __init__(self, tls_enabled: bool) -> None:
+        self._tls = tls_enabled
+        self._causes: dict[tuple[str, int], str] = {}  # broker address -> the last cause logged
+
+    def clear(self) -> None:
+        """After a successful connection: the next failure is news again."""
+        self._causes.clear()
+
+    def failed_with(self, client: DiagnosingClient, exc: OSError | None) -> None:
+        """An attempt ended by `exc` (None: closed before CONNACK)."""
+        host, port = client.attempt_address
+        known = self._causes.get((host, port))
+        if known is not None and (exc is None or isinstance(exc, UNINFORMATIVE_ERRORS)):
+            # A bare EOF or reset after a known cause says nothing new (seen under load with an expired
+            # client certificate: now and then the broker's alert is lost to the TCP reset); keep the cause.
+            client.attempt_reported = True
+            log.debug("connection attempt failed again: %s (last reported: %s)",
+                      describe_connect_error(exc, host, port), known)  # fmt: skip
+            return
+        # TLS problems need a person (certificates, CA); a broker that is down or restarting does not.
+        tls_problem = isinstance(exc, ssl.SSLError) or (exc is None and self._tls)
+        self.failed(client, logging.ERROR if tls_problem else logging.WARNING, describe_connect_error(exc, host, port))
+
+    def failed(self, client: DiagnosingClient, level: int, cause: str) -> None:
+        client.attempt_reported = True
+        address = client.attempt_address
+        if self._causes.get(address) == cause:
+            log.debug("connection attempt failed again: %s", cause)
+            return
+        self._causes[address] = cause
+        log.log(level, "%s; retrying with backoff", cause)

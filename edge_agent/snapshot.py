@@ -14,7 +14,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edge_agent import ffmpeg
+from edge_agent.config import AgentConfig
+from edge_agent.events import CommandReceived
+from edge_agent.intake import CommandIntake
+from edge_agent.lifecycle import Lifecycle
+from edge_agent.messages import Command
 from edge_agent.recording import SnapshotTaken
+from edge_agent.reporter import Publisher
+from edge_agent.tasks import iso_epoch
+from edge_agent.topics import Topics
 
 MAX_JPEG_BYTES = 8 * 1024 * 1024
 
@@ -51,3 +59,52 @@ def take_async(camera_id: str, ffmpeg_bin: str, source: ffmpeg.StreamInput | Pat
     thread = threading.Thread(target=run, name=f"snapshot.{camera_id}", daemon=True)
     thread.start()
     return thread
+
+
+class Snapshots:
+    """Snapshot commands: one grab at a time per camera, answered and published when it ends.
+
+    Runs on the agent thread; the grab itself runs on a thread of its own (`take_async`).
+    """
+
+    def __init__(
+        self, cfg: AgentConfig, publisher: Publisher, topics: Topics, intake: CommandIntake, tasks: Lifecycle,
+        secrets: tuple[str, ...], post: Callable[[SnapshotTaken], None],
+    ) -> None:  # fmt: skip
+        self.cfg = cfg
+        self._pub = publisher
+        self._topics = topics
+        self._intake = intake
+        self._tasks = tasks
+        self._secrets = secrets
+        self._post = post
+        self._pending: dict[str, tuple[Command, CommandReceived]] = {}  # camera -> the command waiting
+
+    def request(self, camera: str, cmd: Command, ev: CommandReceived, ffmpeg_error: str | None) -> None:
+        """Start a grab (from the ring if the camera has one), or answer why not."""
+        tools = self._tasks.tools
+        if camera in self._pending or tools is None:
+            error = ("a snapshot of this camera is already being taken" if camera in self._pending
+                     else ffmpeg_error or "FFmpeg not found")  # fmt: skip
+            self._intake.reply(camera, {"status": "error", "camera_id": camera, "error": error}, False,
+                               cmd.request_id, ev)  # fmt: skip
+            return
+        self._pending[camera] = (cmd, ev)
+        buffer = self._tasks.buffers.get(camera)
+        newest = buffer.newest() if buffer is not None else None
+        source = newest.path if newest is not None else self.cfg.stream_input(camera)
+        take_async(camera, tools[0], source, newest.start if newest is not None else None,
+                   self.cfg.recording.probe_timeout_seconds, self._secrets, self._post)  # fmt: skip
+
+    def taken(self, ev: SnapshotTaken) -> None:
+        """Publish the JPEG (retained, raw bytes) and answer the command that asked for it."""
+        pending = self._pending.pop(ev.camera_id, None)
+        if ev.error is None:
+            self._pub.publish(self._topics.snapshot(ev.camera_id), ev.jpeg, retain=True)
+            doc = {"status": "snapshot", "camera_id": ev.camera_id, "frame_time": iso_epoch(ev.frame_time),
+                   "bytes": len(ev.jpeg), "topic": self._topics.snapshot(ev.camera_id)}  # fmt: skip
+        else:
+            doc = {"status": "error", "camera_id": ev.camera_id, "error": f"snapshot failed: {ev.error}"}
+        if pending is not None:
+            cmd, command = pending
+            self._intake.reply(ev.camera_id, doc, ev.error is None, cmd.request_id, command)

@@ -20,7 +20,8 @@ import pytest
 import yaml
 from parts import ManagedProcess, free_port, tcp_accepts
 
-from edge_agent.config import RecordingConfig, load_config
+from edge_agent.config import RecordingConfig
+from edge_agent.configload import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

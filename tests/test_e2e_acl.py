@@ -38,7 +38,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from parts import ROOT, AgentProcess, CameraSim, Mosquitto, MqttProbe, write_config
 
-from edge_agent.config import AgentConfig, parse_config
+from edge_agent.config import AgentConfig
+from edge_agent.configload import parse_config
 from edge_agent.ctl import _Conn
 
 DEPLOY = ROOT / "deploy" / "mosquitto"

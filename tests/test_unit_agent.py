@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from edge_agent.agent import Agent, Event
-from edge_agent.config import AgentConfig, parse_config
+from edge_agent.config import AgentConfig
+from edge_agent.configload import parse_config
 from edge_agent.journal import Journal
 from edge_agent.mqtt import CommandReceived, Connected
 from edge_agent.recording import MediaStarted, RecorderEvent, RecordingFailed, RecordingFinished, RecordingSpec

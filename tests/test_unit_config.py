@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from edge_agent.cli import EXIT_CONFIG, main
-from edge_agent.config import load_config, parse_config
+from edge_agent.configload import load_config, parse_config
 from edge_agent.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,7 +19,8 @@ import pytest
 from test_unit_agent import FakePublisher, Harness, make_harness
 
 from edge_agent import __version__, discovery
-from edge_agent.config import AgentConfig, parse_config
+from edge_agent.config import AgentConfig
+from edge_agent.configload import parse_config
 from edge_agent.errors import ConfigError
 from edge_agent.journal import Journal
 from edge_agent.messages import decode_command, parse_switch, transition_events

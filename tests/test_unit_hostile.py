@@ -15,7 +15,7 @@ import pytest
 from test_unit_agent import CAM_PASSWORD, FakePublisher, Harness, make_config, make_harness
 
 from edge_agent import names
-from edge_agent.config import load_config, parse_config, secret_values
+from edge_agent.configload import load_config, parse_config, secret_values
 from edge_agent.errors import ConfigError
 from edge_agent.ffmpeg import child_env
 from edge_agent.journal import Journal

@@ -23,7 +23,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 from tlsparts import Authority, CertFiles
 
 from edge_agent import ctl
-from edge_agent.config import MqttConfig, StorageConfig, TlsConfig, parse_config
+from edge_agent.config import MqttConfig, StorageConfig, TlsConfig
+from edge_agent.configload import parse_config
 from edge_agent.errors import ConfigError
 from edge_agent.mqtt import MqttLink
 from edge_agent.mqttclient import describe_connect_error
