@@ -45,9 +45,11 @@ def test_home_assistant_discovery_buttons_events_telemetry(
     agent_cfg = probe.wait_for(node_topic(agent_node), timeout=20)
     assert cfg1["dev"]["identifiers"] == [cam1_node] and cfg1["dev"]["name"] == "Gate"
     assert cfg1["o"]["name"] == "edge-agent" and cfg1["avty_t"] == f"{rig.base}/status"
+    required = {"button": "command_topic", "binary_sensor": "state_topic", "sensor": "state_topic", "camera": "topic"}
     for comp in [*cfg1["cmps"].values(), *agent_cfg["cmps"].values()]:
-        assert comp["p"] in ("button", "binary_sensor", "sensor") and comp["unique_id"]
-        assert ("command_topic" if comp["p"] == "button" else "state_topic") in comp
+        assert comp["p"] in required and comp["unique_id"]
+        assert required[comp["p"]] in comp
+    assert cfg1["cmps"]["snapshot"]["topic"] == f"{rig.base}/cam1/snapshot"
     assert agent_cfg["cmps"]["upload_backlog"]["state_topic"] == f"{rig.base}/uploads"
     with MqttProbe(broker.host, broker.port) as late:
         late.subscribe(node_topic(cam1_node))
