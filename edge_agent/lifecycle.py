@@ -90,6 +90,8 @@ class Lifecycle:
         self.book.hold(task, rec, time.monotonic() + limit)
         self.remember(task)
         self.report.task(task)
+        if task.status == Status.RECORDING:  # a buffered camera: `started` now, as a `recording` task has
+            self.report.transition(task, Status.STARTING)
         rec.start()
         return task
 

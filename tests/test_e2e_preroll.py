@@ -82,6 +82,11 @@ def test_start_with_pre_roll_holds_the_seconds_before_the_command(tmp_path: Path
     final = rig.wait_status("cam1", "doorbell", {"completed", "failed"}, timeout=60)
     assert final["status"] == "completed", final
     assert rig.statuses("cam1", "doorbell")[0] == "recording"  # never `starting` on a buffered camera
+    # Flow events as for any task (published right after the status they announce).
+    probe.wait_for(f"{rig.base}/cam1/events", lambda p: p.get("event") == "completed" and p["task_name"] == "doorbell")
+    events = [m["event"] for m in probe.messages(f"{rig.base}/cam1/events")
+              if m.get("task_name") == "doorbell" and m.get("event") != "segment"]  # fmt: skip
+    assert events == ["started", "stopped", "completed"], events
     assert final["pre_roll_seconds"] == PRE_ROLL
 
     # Where the recording really begins: at or before the pre-roll point, within one ring segment.
