@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RESULTS = BENCH / "results"
-sys.path.insert(0, str(ROOT / "tests"))  # the real-parts harness (tests/parts.py)
+sys.path.insert(0, str(ROOT / "tests"))  # the real-parts harness (tests/parts/)
 sys.path.insert(0, str(ROOT))
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -253,6 +254,19 @@ def write_results(name: str, data: dict[str, Any], quick: bool) -> Path:
     data = {"benchmark": name, "quick": quick, "machine": machine_info(), **data}
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
     return path
+
+
+def broker_rtt_samples(probe: Any, n: int = 30) -> list[float]:
+    """`n` QoS 1 publish -> receive round trips through the broker, by one `parts.MqttProbe` (seconds)."""
+    topic = f"rtt/{uuid.uuid4().hex}"
+    probe.subscribe(topic)
+    out = []
+    for i in range(n):
+        t0 = time.monotonic()
+        probe.publish(topic, {"i": i}, qos=1)
+        probe.wait_for(topic, lambda p, i=i: p["i"] == i, timeout=10)
+        out.append(time.monotonic() - t0)
+    return out
 
 
 def log(msg: str) -> None:

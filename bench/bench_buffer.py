@@ -36,6 +36,7 @@ import yaml
 from _common import (
     Child,
     TreeCpu,
+    broker_rtt_samples,
     fmt,
     loadavg,
     log,
@@ -90,18 +91,6 @@ class ByteWatch(threading.Thread):
                     self.worst_files[str(ring)] = sorted((p.name, p.stat().st_size) for p in ring.glob("seg_*")
                                                          if p.exists())  # fmt: skip
             self.samples += 1
-
-
-def broker_rtt(probe: MqttProbe, n: int) -> list[float]:
-    topic = f"rtt/{uuid.uuid4().hex}"
-    probe.subscribe(topic)
-    out = []
-    for i in range(n):
-        t0 = time.monotonic()
-        probe.publish(topic, {"i": i}, qos=1)
-        probe.wait_for(topic, lambda p, i=i: p["i"] == i, timeout=10)
-        out.append(time.monotonic() - t0)
-    return out
 
 
 def main() -> None:
@@ -182,7 +171,7 @@ def main() -> None:
                     rows.append(row)
                     log(f"round {rnd}: agent {row['agent_cpu_s']:.2f} CPU-s (python {row['agent_python_cpu_s']:.2f}),"
                         f" plain {plain_cpu:.2f} CPU-s over {wall:.0f} s: ratio {row['ratio']:.3f}")  # fmt: skip
-                rtts = broker_rtt(probe, 30)
+                rtts = broker_rtt_samples(probe, 30)
                 rng = random.Random(7)
                 for k in range(starts):
                     camera = rng.choice(cams)

@@ -20,20 +20,8 @@ import time
 import uuid
 from pathlib import Path
 
-from _common import loadavg, md_table, run_facts, write_docs_results
+from _common import broker_rtt_samples, loadavg, md_table, run_facts, write_docs_results
 from parts import AgentProcess, CameraSim, Mosquitto, MqttProbe, write_config
-
-
-def broker_rtt(probe: MqttProbe, n: int = 30) -> float:
-    topic = f"rtt/{uuid.uuid4().hex}"
-    probe.subscribe(topic)
-    samples = []
-    for i in range(n):
-        t0 = time.monotonic()
-        probe.publish(topic, {"i": i}, qos=1)
-        probe.wait_for(topic, lambda p, i=i: p["i"] == i, timeout=10)
-        samples.append(time.monotonic() - t0)
-    return statistics.median(samples)
 
 
 def run_fleet(k: int, workdir: Path, broker: Mosquitto, camera: CameraSim) -> dict[str, float]:
@@ -52,7 +40,7 @@ def run_fleet(k: int, workdir: Path, broker: Mosquitto, camera: CameraSim) -> di
             platform.subscribe(f"{prefix}/+/cam1/status")
             for i in range(k):
                 platform.wait_for_raw(f"{prefix}/dev{i:04d}/status", lambda p: p == b"online", timeout=120)
-            rtt = broker_rtt(platform)
+            rtt = statistics.median(broker_rtt_samples(platform))
             t0 = time.monotonic()
             for i in range(k):
                 platform.publish(f"{prefix}/dev{i:04d}/cam1/cmd", {"action": "start", "task_name": "fleet"}, qos=1)

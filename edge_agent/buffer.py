@@ -145,11 +145,6 @@ class CameraBuffer(Recorder):
             with contextlib.suppress(OSError):
                 old.path.unlink()
 
-    def ring_bytes(self) -> int:
-        """Bytes of the closed segments in the ring (the one being written comes on top)."""
-        with self._lock:
-            return self._bytes
-
     def stop(self, timeout: float = 15.0) -> None:
         self.request_stop()
         self.join(timeout)

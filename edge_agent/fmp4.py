@@ -340,11 +340,3 @@ def _read_box(f: BinaryIO, pos: int, file_size: int, kind: bytes) -> tuple[bytes
         raise Mp4Error(f"a {kind.decode('latin-1')} of {size} bytes is implausibly large")
     f.seek(pos)
     return f.read(size), pos + size
-
-
-def segment_seconds(path: Path) -> float:
-    """Seconds of media a segment file holds (0.0 when it holds no complete fragment)."""
-    try:
-        return read_segment(path).seconds
-    except (Mp4Error, struct.error, OSError):
-        return 0.0
