@@ -134,6 +134,16 @@ class NatsNode(ManagedProcess):
         except (OSError, urllib.error.URLError, ValueError):
             return None
 
+    def mqtt_clients(self) -> list[str]:
+        """The MQTT client ids connected to this node now (``/connz``; empty if it does not answer)."""
+        url = f"http://{LOCALHOST}:{self.http_port}/connz?limit=100000"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                doc = json.loads(resp.read())
+        except (OSError, urllib.error.URLError, ValueError):
+            return []
+        return [c["mqtt_client"] for c in doc.get("connections") or [] if c.get("mqtt_client")]
+
     def start_nowait(self) -> Self:
         """Spawns the server without waiting for readiness (a cluster node alone has no quorum)."""
         ready, self.is_ready = self.is_ready, lambda: True  # type: ignore[method-assign]
