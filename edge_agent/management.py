@@ -158,7 +158,7 @@ class Management:
             "version": self.desired.version if self.desired else None,
             "applied_at": self.applied_at,
             "state": "pending" if self.pending else "applied",
-            "pending": [p.doc() for p in self.pending],
+            "pending": [{"path": p.path, "reason": p.message} for p in self.pending],
             "rejected": self.rejected,
             "groups": list(self._agent.cfg.groups),
             "config": remoteconfig.redacted(self._agent.cfg),
