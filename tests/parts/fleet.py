@@ -55,6 +55,8 @@ class Fleet:
                 recording=self.recording, mqtt={"reconnect_min_seconds": 1, **mqtt_for(i)},
             )  # fmt: skip
             doc = yaml.safe_load(path.read_text())
+            for cam in doc["cameras"].values():
+                cam.pop("max_seconds", None)  # recording.max_seconds rules (the rollout changes it)
             groups = list(groups_for(i))
             if groups:
                 doc["groups"] = groups
@@ -116,7 +118,9 @@ class Tally:
                 out[device].append(m)
         return out
 
-    def json_on(self, suffix: str, predicate: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, list[dict[str, Any]]]:
+    def json_on(
+        self, suffix: str, predicate: Callable[[dict[str, Any]], bool] | None = None
+    ) -> dict[str, list[dict[str, Any]]]:
         """Like :meth:`on` with the JSON payloads (empty and non-JSON payloads skipped)."""
         out: dict[str, list[dict[str, Any]]] = {}
         for device, messages in self.on(suffix).items():
@@ -177,9 +181,7 @@ class Tally:
                 )
             time.sleep(0.1)
 
-    def last_received(
-        self, suffix: str, predicate: Callable[[dict[str, Any]], bool], devices: Sequence[str]
-    ) -> float:
+    def last_received(self, suffix: str, predicate: Callable[[dict[str, Any]], bool], devices: Sequence[str]) -> float:
         """The monotonic receive time of the latest first-match among ``devices``."""
         firsts = []
         for device, messages in self.on(suffix).items():
