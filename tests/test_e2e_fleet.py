@@ -50,7 +50,7 @@ GROUP = "fleet"
 SETTLE_S = 3.0  # no reply for this long after the last one: the count per device is final
 NATS_WAVE = 10
 ROLLOUT_MAX_SECONDS = 1234
-FAILOVER_TASK_S = 2  # max_seconds of the task the failover command starts
+FAILOVER_TASK_S = 8  # max_seconds of the failover command's task: 50 FFmpegs starting at once need ~4 s to first media
 RECORDING = {"segment_seconds": 2, "segment_events": False, "first_frame_timeout_seconds": 30,
              "stall_timeout_seconds": 15, "stop_timeout_seconds": 10}  # fmt: skip
 CONNECTED_RE = re.compile(r"^(\S+ \S+) INFO .* connected to 127\.0\.0\.1:(\d+) ", re.MULTILINE)
