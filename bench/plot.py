@@ -10,7 +10,9 @@ Each image is drawn only from a results file (the newest ``<kind>_latest.json``,
 - ``upload.png`` (``upload``): MB/s per round of the bare client and the agent (with its sha256);
 - ``fleet_latency.png`` (``fleet``): ``start`` -> all ``recording`` and ``stop`` -> all
   ``completed`` against K agents, with the broker's round trip;
-- ``chaos_loss.png`` (``chaos``): every measured round's loss per fault kind, with its bound.
+- ``chaos_loss.png`` (``chaos``): every measured round's loss per fault kind, with its bound;
+- ``fleet_mgmt.png`` (``fleetmgmt``): group command -> all replied and config rollout -> all
+  reported against K, one Mosquitto beside the 3-node NATS cluster, with each broker's round trip.
 
 A missing input is reported and skipped. Files from ``--quick`` runs are drawn with "quick" in the
 title: quote only the full runs.
@@ -165,6 +167,31 @@ def plot_fleet(doc: Any, path: Path, out: Path) -> Path:
     return finish(fig, out / "fleet_latency.png", caption(doc if isinstance(doc, dict) else {}, path))
 
 
+def plot_fleetmgmt(doc: dict[str, Any], path: Path, out: Path) -> Path:
+    """Group command -> all replied and rollout -> all reported against K, Mosquitto beside NATS."""
+    summ = doc["summary"]
+    ks = sorted(int(k) for k in summ)
+    panels = [("status_s", "group `status` -> all replied"), ("start_s", "group `start` -> all replied"),
+              ("rollout_s", "rollout -> all `reported`")]  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), figsize=(12, 4.2), sharey=False)
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        for side, label, color in (("mosquitto", "one Mosquitto", COLORS["plain"]),
+                                   ("nats", "3 NATS nodes", COLORS["agent"])):  # fmt: skip
+            stats = [summ[str(k)][side][key] for k in ks]
+            med = [s["median"] for s in stats]
+            err = [[m - s["min"] for m, s in zip(med, stats, strict=True)],
+                   [s["max"] - m for m, s in zip(med, stats, strict=True)]]  # fmt: skip
+            ax.errorbar(ks, med, yerr=err, marker="o", capsize=3, label=label, color=color)
+            rtt = [summ[str(k)][side]["rtt_s"]["median"] for k in ks]
+            ax.plot(ks, rtt, linestyle=":", marker=".", color=color, label=f"{label}: broker round trip")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("agents K")
+        ax.set_ylim(bottom=0)
+    axes[0].set_ylabel("seconds (median, bars: min-max over rounds)")
+    axes[0].legend(fontsize=7)
+    return finish(fig, out / "fleet_mgmt.png", caption(doc, path))
+
+
 def plot_chaos(doc: dict[str, Any], path: Path, out: Path) -> Path:
     rounds = [r for r in doc.get("rounds", []) if r.get("loss") is not None and r.get("injected", True)]
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -191,6 +218,7 @@ def plot_chaos(doc: dict[str, Any], path: Path, out: Path) -> Path:
 
 PLOTS: dict[str, Callable[[Any, Path, Path], Path]] = {
     "cpu": plot_cpu, "forms": plot_forms, "upload": plot_upload, "fleet": plot_fleet, "chaos": plot_chaos,
+    "fleetmgmt": plot_fleetmgmt,
 }  # fmt: skip
 
 

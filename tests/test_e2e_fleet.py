@@ -29,11 +29,13 @@ NATS refused an agent's QoS 1 subscription (see the report of issue 14's fleet w
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
+import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -131,23 +133,13 @@ def wait_online(fleet: Fleet, tally: Tally, devices: list[str], timeout: float) 
                     f"reported naming group {GROUP!r}", devices)  # fmt: skip
 
 
-LOCAL_RECORDING_KEYS = ("output_dir", "ffmpeg_path", "ffprobe_path")  # stay local: not in a desired document
-
-
-def desired_doc(fleet: Fleet, device: str, version: int, max_seconds: int) -> dict[str, Any]:
-    """Desired ``version``: the device's local ``recording`` (less its local-only keys) with ``max_seconds``."""
-    local = fleet.config(device)["recording"]
-    recording = {k: v for k, v in local.items() if k not in LOCAL_RECORDING_KEYS}
-    return {"version": version, "config": {"recording": {**recording, "max_seconds": max_seconds}}}
-
-
 def rollout(fleet: Fleet, sender: MqttProbe, tally: Tally, version: int, timeout: float) -> float:
     """Publishes desired ``version`` (``recording.max_seconds`` changed) retained to every device;
     returns the seconds from the first publish until every ``reported`` reached it applied."""
     started = time.monotonic()
     for device in fleet.devices:
-        sender.publish(f"{fleet.base(device)}/config/desired", desired_doc(fleet, device, version, ROLLOUT_MAX_SECONDS),
-                       retain=True, timeout=30)  # fmt: skip
+        doc = fleet.desired(device, version, max_seconds=ROLLOUT_MAX_SECONDS)
+        sender.publish(f"{fleet.base(device)}/config/desired", doc, retain=True, timeout=30)
     # Waits for the version either applied or rejected, so a rejection fails at once, named.
     tally.wait_each(
         "config/reported",
@@ -202,10 +194,15 @@ def executed_once(fleet: Fleet, rid: str) -> None:
     assert not wrong, f"request {rid} executed other than once: {wrong}"
 
 
-def start_stop(fleet: Fleet, sender: MqttProbe, probe: MqttProbe, tally: Tally, clock: Clock) -> dict[str, float]:
+def start_stop(fleet: Fleet, sender: MqttProbe, probe: MqttProbe, tally: Tally, clock: Clock,
+               diagnose: Callable[[list[str]], str] = lambda _d: "") -> dict[str, float]:  # fmt: skip
     """Group start -> every camera records with the rolled-out max_seconds -> group stop -> completed."""
     task = f"fleet-{uuid.uuid4().hex[:6]}"
-    rid, replied_s, _ = group_command(fleet, sender, tally, {"action": "start", "task_name": task}, 60)
+    try:
+        rid, replied_s, _ = group_command(fleet, sender, tally, {"action": "start", "task_name": task}, 60)
+    except AssertionError as exc:
+        missing = [d for d, docs in tally.json_on(reply_suffix()).items() if not docs]
+        raise AssertionError(f"{exc}\n{diagnose(missing)}") from None
     tally.wait_each(f"cam1/tasks/{task}", lambda s: s["status"] == "recording", 60, f"task {task} recording")
     clock.lap("group start -> all replied and recording")
     replies = replied_once(fleet, probe, tally, rid)
@@ -294,7 +291,14 @@ def test_fleet_on_nats_cluster_with_node_loss(tmp_path: Path, cluster: NatsClust
 
         rollout_s = rollout(fleet, probe, tally, 1, timeout=90)
         clock.lap("rollout -> all reported")
-        times = start_stop(fleet, probe, probe, tally, clock)
+        times = start_stop(
+            fleet,
+            probe,
+            probe,
+            tally,
+            clock,
+            lambda missing: nats_diagnosis(cluster, fleet, missing, f"groups.{GROUP}.cmd"),
+        )
 
         # The victim: the node (not the watcher's) with the most agents on it now.
         victim = max(cluster.nodes[:2], key=lambda n: len(clients_of(n, fleet)))
@@ -358,6 +362,43 @@ def clients_of(node: NatsNode, fleet: Fleet) -> set[str]:
     """Fleet devices whose agent is connected to ``node`` now (its ``/connz``)."""
     devices = set(fleet.devices)
     return {c.removeprefix("edge-agent-") for c in node.mqtt_clients()} & devices
+
+
+def nats_diagnosis(cluster: NatsCluster, fleet: Fleet, devices: list[str], subject_tail: str) -> str:
+    """For ``devices``: the node each is on, its NATS subscriptions (with message counts) and the
+    JetStream consumer behind its subscription ending in ``subject_tail`` (delivered, pending)."""
+    wanted = {f"edge-agent-{d}": d for d in devices}
+    lines = []
+    consumers: dict[str, dict[str, Any]] = {}  # deliver subject -> consumer
+    for node in cluster.alive():
+        url = f"http://{node.host}:{node.http_port}"
+        try:
+            with urllib.request.urlopen(f"{url}/connz?subs=detail&limit=100000", timeout=5) as resp:
+                connz = json.loads(resp.read())
+            with urllib.request.urlopen(f"{url}/jsz?accounts=true&streams=true&consumers=true&config=true",
+                                        timeout=5) as resp:  # fmt: skip
+                jsz = json.loads(resp.read())
+        except (OSError, ValueError) as exc:
+            lines.append(f"{node.name}: monitoring did not answer: {exc}")
+            continue
+        for account in jsz.get("account_details") or []:
+            for stream in account.get("stream_detail") or []:
+                for cons in stream.get("consumer_detail") or []:
+                    config = cons.get("config") or {}
+                    if str(config.get("filter_subject", "")).endswith(subject_tail):
+                        consumers.setdefault(str(config.get("deliver_subject")), cons)
+        for conn in connz.get("connections") or []:
+            device = wanted.get(conn.get("mqtt_client", ""))
+            if device is None:
+                continue
+            subs = [(sub["subject"], sub.get("msgs")) for sub in conn.get("subscriptions_list_detail") or []]
+            lines.append(f"{device} on {node.name}: subscriptions {subs}")
+    for deliver, cons in consumers.items():
+        lines.append(f"consumer {cons['name']} -> {deliver}: delivered {cons.get('delivered')}, "
+                     f"ack floor {cons.get('ack_floor')}, pending {cons.get('num_pending')}, "
+                     f"ack pending {cons.get('num_ack_pending')}, leader {(cons.get('cluster') or {}).get('leader')}, "
+                     f"push bound {cons.get('push_bound')}")  # fmt: skip
+    return "\n".join(lines[:200])
 
 
 def settle_jetstream(cluster: NatsCluster, timeout: float) -> None:

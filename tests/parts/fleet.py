@@ -19,6 +19,8 @@ import yaml
 from parts.agent import AgentProcess, write_config
 from parts.probe import Message, MqttProbe
 
+LOCAL_RECORDING_KEYS = ("output_dir", "ffmpeg_path", "ffprobe_path")  # never in a desired document
+
 
 class Fleet:
     """K agents, each with ``cameras`` (id -> RTSP URL) and in ``groups_for(i)``.
@@ -74,6 +76,19 @@ class Fleet:
 
     def base(self, device: str) -> str:
         return f"{self.prefix}/{device}"
+
+    def desired(self, device: str, version: int, **recording: Any) -> dict[str, Any]:
+        """A desired document: the device's local ``recording`` with ``recording`` changed.
+
+        The local-only keys (``output_dir``, ``ffmpeg_path``, ``ffprobe_path``) are left out: a
+        desired document naming them is rejected (they stay in ``agent.yaml``).
+        """
+        local = self.config(device)["recording"]
+        rec = {k: v for k, v in local.items() if k not in LOCAL_RECORDING_KEYS}
+        return {"version": version, "config": {"recording": {**rec, **recording}}}
+
+    def group_topic(self, group: str) -> str:
+        return f"{self.prefix}/groups/{group}/cmd"
 
     def start(self) -> None:
         for agent in self.agents.values():
@@ -196,6 +211,19 @@ class Tally:
                     firsts.append(m.received_at)
                     break
         return max(firsts) if firsts else time.monotonic()
+
+
+def publish_all(probe: MqttProbe, items: Sequence[tuple[str, bytes]], *, retain: bool = False,
+                timeout: float = 30.0) -> None:  # fmt: skip
+    """Publishes every (topic, payload) with QoS 1 back to back, then waits for all the acks
+    (pipelined, as an operator's tool would, instead of one broker round trip per message)."""
+    client = probe._client  # the probe's paho client; its publish() waits for each ack in turn
+    infos = [client.publish(topic, payload, qos=1, retain=retain) for topic, payload in items]
+    deadline = time.monotonic() + timeout
+    for info in infos:
+        info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+        if not info.is_published():
+            raise AssertionError(f"{len(infos)} publishes not all acknowledged within {timeout} s")
 
 
 def _holds(predicate: Callable[[dict[str, Any]], bool], doc: dict[str, Any]) -> bool:
