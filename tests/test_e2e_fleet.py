@@ -269,10 +269,11 @@ def test_fleet_on_nats_cluster_with_node_loss(tmp_path: Path, cluster: NatsClust
     watcher_node = cluster.nodes[2]
     fleet = Fleet(tmp_path / "fleet", k=K, prefix=prefix, mqtt_port=1,
                   cameras={"cam1": fleet_camera.url("cam1")}, groups_for=lambda _i: [GROUP],
-                  # Rotated: agent i dials node i % 3 first. A first reconnect delay of 2-6 s keeps
-                  # the agents of a killed node away while the command is published.
+                  # Rotated: agent i dials node i % 3 first. A first reconnect delay of 4-12 s keeps
+                  # the agents of a killed node away until NATS has stored the command: its PUBACK
+                  # took up to 8 s after the kill (JetStream re-electing the leader of $MQTT_msgs).
                   mqtt_for=lambda i: {"protocol": "3.1.1", "hosts": addresses[i % 3:] + addresses[: i % 3],
-                                      "reconnect_min_seconds": 2, "reconnect_max_seconds": 6},
+                                      "reconnect_min_seconds": 4, "reconnect_max_seconds": 12},
                   recording=RECORDING, extra={"telemetry_seconds": 0})  # fmt: skip
     fleets.append(fleet)
     with NatsProbe(watcher_node.host, watcher_node.port, protocol=4) as probe:
