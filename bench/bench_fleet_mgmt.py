@@ -7,7 +7,9 @@ so a third starts on each node). Every agent has one camera (one shared 320x180 
 mount, ``video: copy``, local storage) and is in the group ``fleet``. Each round, on each side in
 turn (the order alternates between rounds):
 
-- broker round trip: ``_common.broker_rtt_samples`` (QoS 1 publish -> receive by one client);
+- broker round trip: ``_common.broker_rtt_samples`` (QoS 1 publish -> ack -> receive by one
+  client; ~44 ms of it is that client's Nagle/delayed-ACK stall, see docs/scaling.md), and the
+  transit of a QoS 1 message from the operator's client to the watcher (the path of a command);
 - rollout: a new desired version (``recording.max_seconds`` changed) published retained to each
   device's ``P/D/config/desired`` (pipelined QoS 1) -> every ``P/D/config/reported`` applied;
 - group ``status`` -> every member's reply on ``P/D/groups/fleet/reply``;
@@ -48,7 +50,8 @@ from parts.fleet import Fleet, Tally, publish_all, wait_quiet
 GROUP = "fleet"
 SIDES = ("mosquitto", "nats")
 METRICS = {  # key -> what the table calls it
-    "rtt_s": "broker QoS 1 round trip",
+    "rtt_s": "broker QoS 1 round trip, one client (`broker_rtt_samples`)",
+    "transit_s": "broker transit, operator -> watcher",
     "rollout_s": "rollout -> all `reported`",
     "status_s": "group `status` -> all replied",
     "start_s": "group `start` -> all replied",
@@ -85,10 +88,25 @@ def group(side: Side, payload: dict[str, Any], timeout: float) -> tuple[str, flo
     return rid, last - t0
 
 
+def transit_samples(side: Side, n: int = 20) -> list[float]:
+    """Publish (QoS 1, by the operator's client) -> receive (by the watcher): the path a command
+    and a reply take (on NATS across nodes), without the one-client round trip's ack wait."""
+    topic = f"transit/{uuid.uuid4().hex}"
+    side.watcher.subscribe(topic)
+    out = []
+    for i in range(n):
+        t0 = time.monotonic()
+        publish_all(side.sender, [(topic, json.dumps({"i": i}).encode())], timeout=30)
+        msg = side.watcher.wait_for_message(topic, lambda p, i=i: p["i"] == i, timeout=30)
+        out.append(msg.received_at - t0)
+    return out
+
+
 def one_round(side: Side, timeout: float) -> dict[str, Any]:
     fleet, tally = side.fleet, side.tally
     row: dict[str, Any] = {"side": side.name, "k": len(fleet)}
     row["rtt_s"] = statistics.median(broker_rtt_samples(side.watcher, n=20))
+    row["transit_s"] = statistics.median(transit_samples(side))
 
     side.version += 1
     version, max_seconds = side.version, 3000 + side.version
@@ -229,7 +247,7 @@ def table(summ: dict[str, dict[str, dict[str, Any]]]) -> str:
     rows = []
     for k, sides in summ.items():
         for key, label in METRICS.items():
-            scale, unit = (1000.0, "ms") if key == "rtt_s" else (1.0, "s")
+            scale, unit = (1000.0, "ms") if key in ("rtt_s", "transit_s") else (1.0, "s")
             rows.append([k, f"{label} ({unit})", cell(sides["mosquitto"][key], scale), cell(sides["nats"][key], scale)])
     return md_table(["K", "median (min-max) over rounds", "one Mosquitto", "3 NATS nodes"], rows)
 
