@@ -79,13 +79,31 @@ def replies_of(side: Side, rid: str) -> dict[str, int]:
     return {d: len(v) for d, v in docs.items()}
 
 
-def group(side: Side, payload: dict[str, Any], timeout: float) -> tuple[str, float]:
+def group(side: Side, payload: dict[str, Any], timeout: float, row: dict[str, Any]) -> tuple[str, float | None]:
+    """One group command: (request id, publish -> every member replied), the time None when some
+    member never answered within ``timeout``. Those are named in ``row["lost"]`` and the same
+    request (same request_id: members that already answered do not execute it again) is published
+    once more so the round can go on; ``row["resent_recovered"]`` says whether that reached them."""
     rid = uuid.uuid4().hex
+    body = {**payload, "request_id": rid}
     t0 = time.monotonic()
-    side.sender.publish(side.fleet.group_topic(GROUP), {**payload, "request_id": rid}, qos=1, timeout=60)
-    last = side.tally.wait_each(f"groups/{GROUP}/reply", lambda r: r["request_id"] == rid, timeout,
-                                f"{side.name}: group {payload['action']}")  # fmt: skip
-    return rid, last - t0
+    side.sender.publish(side.fleet.group_topic(GROUP), body, qos=1, timeout=60)
+    what = f"{side.name}: group {payload['action']}"
+    try:
+        last = side.tally.wait_each(f"groups/{GROUP}/reply", lambda r: r["request_id"] == rid, timeout, what)
+        return rid, last - t0
+    except AssertionError:
+        missing = [d for d, n in replies_of(side, rid).items() if n == 0]
+        row.setdefault("lost", []).append({"action": payload["action"], "request_id": rid, "devices": missing})
+        log(f"{what}: no reply from {len(missing)} member(s) after {timeout:.0f} s: {missing}; publishing it again")
+        side.sender.publish(side.fleet.group_topic(GROUP), body, qos=1, timeout=60)
+        try:
+            side.tally.wait_each(f"groups/{GROUP}/reply", lambda r: r["request_id"] == rid, 60, f"{what} (resent)")
+            row["lost"][-1]["resent_recovered"] = True
+        except AssertionError:
+            row["lost"][-1]["resent_recovered"] = False
+            raise
+        return rid, None
 
 
 def transit_samples(side: Side, n: int = 20) -> list[float]:
@@ -115,34 +133,46 @@ def one_round(side: Side, timeout: float) -> dict[str, Any]:
     t0 = time.monotonic()
     publish_all(side.sender, items, retain=True, timeout=120)
     row["rollout_publish_s"] = time.monotonic() - t0
-    last = tally.wait_each(
-        "config/reported",
-        lambda r: r["version"] == version and r["state"] == "applied"
-        and r["config"]["recording"]["max_seconds"] == max_seconds,
-        timeout, f"{side.name}: reported version {version}",
-    )  # fmt: skip
-    row["rollout_s"] = last - t0
+
+    def applied(r: dict[str, Any]) -> bool:
+        return bool(r["version"] == version and r["state"] == "applied"
+                    and r["config"]["recording"]["max_seconds"] == max_seconds)  # fmt: skip
+
+    what = f"{side.name}: reported version {version}"
+    try:
+        row["rollout_s"] = tally.wait_each("config/reported", applied, timeout, what) - t0
+    except AssertionError:  # as in group(): name who never got it, publish theirs again, go on
+        missing = [d for d, got in tally.json_on("config/reported", applied).items() if not got]
+        row.setdefault("lost", []).append({"action": "rollout", "version": version, "devices": missing})
+        log(f"{what}: not reached by {len(missing)} device(s) after {timeout:.0f} s: {missing}; publishing again")
+        publish_all(side.sender, [i for i in items if i[0].split("/")[1] in missing], retain=True, timeout=60)
+        row["lost"][-1]["resent_recovered"] = False
+        tally.wait_each("config/reported", applied, 60, f"{what} (resent)")
+        row["lost"][-1]["resent_recovered"] = True
+        row["rollout_s"] = None
 
     rids = []
-    rid, row["status_s"] = group(side, {"action": "status"}, timeout)
+    rid, row["status_s"] = group(side, {"action": "status"}, timeout, row)
     rids.append(rid)
     task = f"b{uuid.uuid4().hex[:6]}"
     t0 = time.monotonic()
-    rid, row["start_s"] = group(side, {"action": "start", "task_name": task}, timeout)
+    rid, row["start_s"] = group(side, {"action": "start", "task_name": task}, timeout, row)
     rids.append(rid)
-    row["recording_s"] = tally.wait_each(f"cam1/tasks/{task}", lambda s: s["status"] == "recording", timeout,
-                                         f"{side.name}: {task} recording") - t0  # fmt: skip
+    recording = tally.wait_each(f"cam1/tasks/{task}", lambda s: s["status"] == "recording", timeout,
+                                f"{side.name}: {task} recording") - t0  # fmt: skip
+    row["recording_s"] = None if row["start_s"] is None else recording  # a lost start was published again
     t0 = time.monotonic()
-    rid, row["stop_s"] = group(side, {"action": "stop"}, timeout)
+    rid, row["stop_s"] = group(side, {"action": "stop"}, timeout, row)
     rids.append(rid)
-    row["ended_s"] = tally.wait_each(f"cam1/tasks/{task}", lambda s: s["status"] in ("completed", "failed"), timeout,
-                                     f"{side.name}: {task} ended") - t0  # fmt: skip
+    ended = tally.wait_each(f"cam1/tasks/{task}", lambda s: s["status"] in ("completed", "failed"), timeout,
+                            f"{side.name}: {task} ended") - t0  # fmt: skip
+    row["ended_s"] = None if row["stop_s"] is None else ended
     ends = tally.json_on(f"cam1/tasks/{task}", lambda s: s["status"] in ("completed", "failed"))
     row["failed"] = sum(1 for docs in ends.values() if docs[-1]["status"] != "completed")
     wait_quiet(side.watcher, lambda t: t.endswith(f"/groups/{GROUP}/reply"), 1.0, timeout=60)
     counts = [replies_of(side, r) for r in rids]
     row["duplicate_replies"] = sum(n - 1 for c in counts for n in c.values() if n > 1)
-    row["missing_replies"] = sum(1 for c in counts for n in c.values() if n == 0)
+    row["missing_replies"] = sum(1 for c in counts for n in c.values() if n == 0)  # after any resend
     return row
 
 
@@ -211,7 +241,7 @@ def wait_started(side: Side, devices: list[str], timeout: float) -> None:
 
 
 def run_k(k: int, rounds: int, work: Path, camera: CameraSim) -> list[dict[str, Any]]:
-    timeout = 60 + 2.0 * k
+    timeout = 30 + 0.5 * k  # a member silent this long never got the command (see group())
     rows: list[dict[str, Any]] = []
     with mosquitto_side(k, work / "m", camera) as mosq, nats_side(k, work / "n", camera) as nats:
         sides = {"mosquitto": mosq, "nats": nats}
@@ -222,7 +252,7 @@ def run_k(k: int, rounds: int, work: Path, camera: CameraSim) -> list[dict[str, 
                 row.update(round=r, first=order[0])
                 rows.append(row)
                 log(f"K={k} round {r + 1}/{rounds} {name}: " + ", ".join(
-                    f"{key} {row[key]:.3f}" for key in METRICS) + f", failed {row['failed']}, "
+                    f"{key} {fmt(row[key])}" for key in METRICS) + f", failed {row['failed']}, "
                     f"duplicate replies {row['duplicate_replies']}")  # fmt: skip
     return rows
 
@@ -233,7 +263,9 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]
         out[str(k)] = {}
         for side in SIDES:
             mine = [r for r in rows if r["k"] == k and r["side"] == side]
-            out[str(k)][side] = {m: summary([r[m] for r in mine]) for m in [*METRICS, "rollout_publish_s"]}
+            out[str(k)][side] = {m: summary([r[m] for r in mine if r[m] is not None])
+                                 for m in [*METRICS, "rollout_publish_s"]}  # fmt: skip
+            out[str(k)][side]["rounds_with_lost_commands"] = sum(1 for r in mine if r.get("lost"))
     return out
 
 
@@ -273,8 +305,15 @@ def main() -> None:
     summ = summarise(rows)
     print()
     print(table(summ))
-    problems = [r for r in rows if r["failed"] or r["duplicate_replies"] or r["missing_replies"]]
-    print(f"\nrounds with failed tasks, duplicate or missing replies: {len(problems)}")
+    problems = [r for r in rows if r["failed"] or r["duplicate_replies"] or r["missing_replies"] or r.get("lost")]
+    print(f"\nrounds with failed tasks, duplicate or missing replies, or a command some member never got: "
+          f"{len(problems)}")  # fmt: skip
+    for r in problems:
+        lost = [(x["action"], len(x["devices"]), x["resent_recovered"]) for x in r.get("lost", [])]
+        print(
+            f"  K={r['k']} {r['side']} round {r['round'] + 1}: failed {r['failed']}, "
+            f"duplicates {r['duplicate_replies']}, lost (action, members, recovered by resending) {lost}"
+        )
     path = write_docs_results("fleetmgmt", {
         "quick": args.quick,
         "settings": {"sizes": sizes, "rounds": rounds, "group": GROUP, "nats_wave": NATS_WAVE,

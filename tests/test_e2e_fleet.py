@@ -158,15 +158,25 @@ def rollout(fleet: Fleet, sender: MqttProbe, tally: Tally, version: int, timeout
     return last - started
 
 
-def group_command(fleet: Fleet, sender: MqttProbe, tally: Tally, payload: dict[str, Any],
-                  timeout: float) -> tuple[str, float, float]:  # fmt: skip
-    """Publishes one group command; returns (request id, publish -> every device replied, ack time)."""
+Diagnose = Callable[[list[str]], str]
+
+
+def group_command(fleet: Fleet, sender: MqttProbe, tally: Tally, payload: dict[str, Any], timeout: float,
+                  diagnose: Diagnose = lambda _d: "") -> tuple[str, float, float]:  # fmt: skip
+    """Publishes one group command; returns (request id, publish -> every device replied, ack time).
+
+    On timeout the error names the members without a reply, with ``diagnose(them)`` (the broker's view).
+    """
     rid = uuid.uuid4().hex
     started = time.monotonic()
     sender.publish(group_topic(fleet), {**payload, "request_id": rid}, qos=1, timeout=30)
     acked = time.time()
-    last = tally.wait_each(reply_suffix(), lambda r: r["request_id"] == rid, timeout,
-                           f"group {payload['action']} reply")  # fmt: skip
+    try:
+        last = tally.wait_each(reply_suffix(), lambda r: r["request_id"] == rid, timeout,
+                               f"group {payload['action']} reply")  # fmt: skip
+    except AssertionError as exc:
+        silent = [d for d, docs in tally.json_on(reply_suffix(), lambda r: r["request_id"] == rid).items() if not docs]
+        raise AssertionError(f"{exc}\n{diagnose(silent)}") from None
     return rid, last - started, acked
 
 
@@ -195,14 +205,10 @@ def executed_once(fleet: Fleet, rid: str) -> None:
 
 
 def start_stop(fleet: Fleet, sender: MqttProbe, probe: MqttProbe, tally: Tally, clock: Clock,
-               diagnose: Callable[[list[str]], str] = lambda _d: "") -> dict[str, float]:  # fmt: skip
+               diagnose: Diagnose = lambda _d: "") -> dict[str, float]:  # fmt: skip
     """Group start -> every camera records with the rolled-out max_seconds -> group stop -> completed."""
     task = f"fleet-{uuid.uuid4().hex[:6]}"
-    try:
-        rid, replied_s, _ = group_command(fleet, sender, tally, {"action": "start", "task_name": task}, 60)
-    except AssertionError as exc:
-        missing = [d for d, docs in tally.json_on(reply_suffix()).items() if not docs]
-        raise AssertionError(f"{exc}\n{diagnose(missing)}") from None
+    rid, replied_s, _ = group_command(fleet, sender, tally, {"action": "start", "task_name": task}, 60, diagnose)
     tally.wait_each(f"cam1/tasks/{task}", lambda s: s["status"] == "recording", 60, f"task {task} recording")
     clock.lap("group start -> all replied and recording")
     replies = replied_once(fleet, probe, tally, rid)
@@ -214,7 +220,7 @@ def start_stop(fleet: Fleet, sender: MqttProbe, probe: MqttProbe, tally: Tally, 
     assert not wrong_max, f"tasks started after the rollout without its max_seconds: {wrong_max}"
     clock.lap("settle")
 
-    stop_rid, stop_s, _ = group_command(fleet, sender, tally, {"action": "stop"}, 60)
+    stop_rid, stop_s, _ = group_command(fleet, sender, tally, {"action": "stop"}, 60, diagnose)
     tally.wait_each(f"cam1/tasks/{task}", lambda s: s["status"] in ("completed", "failed"), 90, f"task {task} ended")
     clock.lap("group stop -> all replied and ended")
     replied_once(fleet, probe, tally, stop_rid)
@@ -292,14 +298,11 @@ def test_fleet_on_nats_cluster_with_node_loss(tmp_path: Path, cluster: NatsClust
 
         rollout_s = rollout(fleet, probe, tally, 1, timeout=90)
         clock.lap("rollout -> all reported")
-        times = start_stop(
-            fleet,
-            probe,
-            probe,
-            tally,
-            clock,
-            lambda missing: nats_diagnosis(cluster, fleet, missing, f"groups.{GROUP}.cmd"),
-        )
+
+        def diagnose(silent: list[str]) -> str:
+            return nats_diagnosis(cluster, fleet, silent, f"groups.{GROUP}.cmd")
+
+        times = start_stop(fleet, probe, probe, tally, clock, diagnose)
 
         # The victim: the node (not the watcher's) with the most agents on it now.
         victim = max(cluster.nodes[:2], key=lambda n: len(clients_of(n, fleet)))
@@ -311,7 +314,7 @@ def test_fleet_on_nats_cluster_with_node_loss(tmp_path: Path, cluster: NatsClust
             victim.kill()
             killed, killed_wall = time.monotonic(), time.time()
             rid, all_replied_s, acked_wall = group_command(
-                fleet, sender, tally, {"action": "start", "max_seconds": FAILOVER_TASK_S}, timeout=120
+                fleet, sender, tally, {"action": "start", "max_seconds": FAILOVER_TASK_S}, 120, diagnose
             )
         clock.lap(f"kill {victim.name} + group start -> all replied")
         replies = replied_once(fleet, probe, tally, rid)
@@ -366,11 +369,18 @@ def clients_of(node: NatsNode, fleet: Fleet) -> set[str]:
 
 
 def nats_diagnosis(cluster: NatsCluster, fleet: Fleet, devices: list[str], subject_tail: str) -> str:
-    """For ``devices``: the node each is on, its NATS subscriptions (with message counts) and the
-    JetStream consumer behind its subscription ending in ``subject_tail`` (delivered, pending)."""
+    """Where a QoS 1 message to ``devices`` stopped, from every live node's monitoring.
+
+    For each device: the node it is connected to; the message count of its core subscription to
+    the subject ending in ``subject_tail`` (NATS routes every publish there too; the MQTT layer
+    ignores it for a QoS 1 subscription) beside that of the JetStream delivery subscription that
+    actually feeds the client; and the consumer's state in its leader's own view (delivered,
+    ack floor, pending). Core count > delivery count with nothing pending: JetStream skipped it.
+    """
     wanted = {f"edge-agent-{d}": d for d in devices}
     lines = []
-    consumers: dict[str, dict[str, Any]] = {}  # deliver subject -> consumer
+    by_deliver: dict[str, dict[str, Any]] = {}  # deliver subject -> the consumer, as its leader reports it
+    subs: dict[str, tuple[str, list[tuple[str, int]]]] = {}
     for node in cluster.alive():
         url = f"http://{node.host}:{node.http_port}"
         try:
@@ -384,22 +394,34 @@ def nats_diagnosis(cluster: NatsCluster, fleet: Fleet, devices: list[str], subje
             continue
         for account in jsz.get("account_details") or []:
             for stream in account.get("stream_detail") or []:
+                if stream.get("name") == "$MQTT_msgs" and (stream.get("cluster") or {}).get("leader") == node.name:
+                    lines.append(
+                        f"$MQTT_msgs: leader {node.name}, last seq {(stream.get('state') or {}).get('last_seq')}"
+                    )
                 for cons in stream.get("consumer_detail") or []:
                     config = cons.get("config") or {}
-                    if str(config.get("filter_subject", "")).endswith(subject_tail):
-                        consumers.setdefault(str(config.get("deliver_subject")), cons)
+                    if (cons.get("cluster") or {}).get("leader") == node.name \
+                            and str(config.get("filter_subject", "")).endswith(subject_tail):  # fmt: skip
+                        by_deliver[str(config.get("deliver_subject"))] = cons
         for conn in connz.get("connections") or []:
             device = wanted.get(conn.get("mqtt_client", ""))
-            if device is None:
-                continue
-            subs = [(sub["subject"], sub.get("msgs")) for sub in conn.get("subscriptions_list_detail") or []]
-            lines.append(f"{device} on {node.name}: subscriptions {subs}")
-    for deliver, cons in consumers.items():
-        lines.append(f"consumer {cons['name']} -> {deliver}: delivered {cons.get('delivered')}, "
-                     f"ack floor {cons.get('ack_floor')}, pending {cons.get('num_pending')}, "
-                     f"ack pending {cons.get('num_ack_pending')}, leader {(cons.get('cluster') or {}).get('leader')}, "
-                     f"push bound {cons.get('push_bound')}")  # fmt: skip
-    return "\n".join(lines[:200])
+            if device is not None:
+                detail = conn.get("subscriptions_list_detail") or []
+                subs[device] = (node.name, [(sub["subject"], int(sub.get("msgs") or 0)) for sub in detail])
+    for device in devices:
+        node_name, detail = subs.get(device, ("(not connected)", []))
+        core = [n for subj, n in detail if subj.endswith(subject_tail)]
+        feeds = [(subj, n) for subj, n in detail if subj in by_deliver]
+        line = f"{device} on {node_name}: core subscription got {core}, JetStream delivery got {[n for _, n in feeds]}"
+        for subj, _ in feeds:
+            cons = by_deliver[subj]
+            line += (f"; consumer {cons['name']} (leader {(cons.get('cluster') or {}).get('leader')}): delivered "
+                     f"{(cons.get('delivered') or {}).get('consumer_seq')} (stream seq "
+                     f"{(cons.get('delivered') or {}).get('stream_seq')}), ack floor "
+                     f"{(cons.get('ack_floor') or {}).get('consumer_seq')}, pending {cons.get('num_pending')}, "
+                     f"ack pending {cons.get('num_ack_pending')}")  # fmt: skip
+        lines.append(line)
+    return "NATS monitoring:\n" + "\n".join(lines[:120])
 
 
 def settle_jetstream(cluster: NatsCluster, timeout: float) -> None:
