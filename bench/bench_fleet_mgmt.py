@@ -23,6 +23,7 @@ the watcher. Replies are counted per device after each round (a duplicate is rep
     .venv/bin/python bench/bench_fleet_mgmt.py            # K = 10, 25; 3 rounds
     .venv/bin/python bench/bench_fleet_mgmt.py --full     # K = 10, 50, 100; 3 rounds
     .venv/bin/python bench/bench_fleet_mgmt.py --quick    # K = 5, 10; 1 round
+    .venv/bin/python bench/bench_fleet_mgmt.py --table docs/results/fleetmgmt_latest.json  # the table again
 
 Writes ``docs/results/fleetmgmt_<date-time>.json`` and ``fleetmgmt_latest.json`` with the commit and
 machine facts (``--results-dir``); ``bench/plot.py`` draws ``docs/img/fleet_mgmt.png``.
@@ -291,7 +292,12 @@ def main() -> None:
     ap.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=None, help="e.g. 10,50")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--results-dir", type=Path, default=None, help="where fleetmgmt_*.json go (docs/results)")
+    ap.add_argument("--table", type=Path, default=None, help="only print the table of this results file")
     args = ap.parse_args()
+    if args.table is not None:
+        doc = json.loads(args.table.read_text())
+        print(table(doc["summary"]))
+        return
     sizes = args.sizes or ([5, 10] if args.quick else [10, 50, 100] if args.full else [10, 25])
     rounds = args.rounds or (1 if args.quick else 3)
     load_before = loadavg()
