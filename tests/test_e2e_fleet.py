@@ -21,10 +21,20 @@ it resumes on another node. Checked: every agent replies exactly once and execut
 agents that were still away when the broker acknowledged the command (counted from their logs,
 at least one required so the test checks what it claims).
 
+NATS 2.9.10 sometimes acknowledges a group command (or a desired document) and never delivers it
+to some members' sessions (no node killed; seen in 3 of 12 runs here and in the benchmark, see
+docs/scaling.md "Lost group commands on NATS"). The NATS test then does what an operator's tool
+must do: after ``REPLY_WAIT_S`` without an answer it publishes the same request (same
+``request_id``; a desired document: the same version and content) again, still requires exactly
+one reply and one execution per member, prints the broker's view of each loss and raises a warning
+in pytest's summary. ``EDGE_FLEET_STRICT_DELIVERY=1`` makes such a loss fail the test instead. The
+Mosquitto test has no such allowance.
+
 Cost: a 2-core machine runs K Python agents and K FFmpegs. ``EDGE_FLEET_K`` (default 50, the
 issue's minimum) sets K. On NATS the agents start in waves of ``NATS_WAVE`` with JetStream settled
 between waves: 50 agents connecting at once made the JetStream API time out inside NATS (4 s) and
-NATS refused an agent's QoS 1 subscription (see the report of issue 14's fleet work).
+NATS refused an agent's QoS 1 subscription; the agent subscribed again 5 s later and then never
+received a command (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -138,19 +148,35 @@ def wait_online(fleet: Fleet, tally: Tally, devices: list[str], timeout: float) 
                     f"reported naming group {GROUP!r}", devices)  # fmt: skip
 
 
-def rollout(fleet: Fleet, sender: MqttProbe, tally: Tally, version: int, timeout: float) -> float:
+def rollout(fleet: Fleet, sender: MqttProbe, tally: Tally, version: int, timeout: float,
+            diagnose: Diagnose | None = None, losses: Losses | None = None) -> float:  # fmt: skip
     """Publishes desired ``version`` (``recording.max_seconds`` changed) retained to every device;
-    returns the seconds from the first publish until every ``reported`` reached it applied."""
+    returns the seconds from the first publish until every ``reported`` reached it applied.
+
+    A device whose ``reported`` never moves is a loss (see :class:`Losses`): with ``losses.resend``
+    its document is published again (same version and content: idempotent), else the test fails.
+    """
     started = time.monotonic()
-    for device in fleet.devices:
-        doc = fleet.desired(device, version, max_seconds=ROLLOUT_MAX_SECONDS)
+    docs = {d: fleet.desired(d, version, max_seconds=ROLLOUT_MAX_SECONDS) for d in fleet.devices}
+    for device, doc in docs.items():
         sender.publish(f"{fleet.base(device)}/config/desired", doc, retain=True, timeout=30)
-    # Waits for the version either applied or rejected, so a rejection fails at once, named.
-    tally.wait_each(
-        "config/reported",
-        lambda r: r["version"] == version or (r.get("rejected") or {}).get("version") == version,
-        timeout, f"reported version {version}",
-    )  # fmt: skip
+
+    def answered(r: dict[str, Any]) -> bool:  # applied or rejected: a rejection fails at once, named
+        return bool(r["version"] == version or (r.get("rejected") or {}).get("version") == version)
+
+    what = f"reported version {version}"
+    try:
+        tally.wait_each("config/reported", answered, timeout, what)
+    except AssertionError as exc:
+        silent = [d for d, got in tally.json_on("config/reported", answered).items() if not got]
+        evidence = f"{str(exc).splitlines()[0]}\n{diagnose(silent) if diagnose else ''}"
+        if losses is None or not losses.resend:
+            raise AssertionError(evidence) from None
+        losses.found.append(f"desired version {version} not delivered to {describe(silent)}: {evidence}")
+        print(f"BROKER LOSS: {losses.found[-1]}\npublishing their desired documents again")
+        for device in silent:
+            sender.publish(f"{fleet.base(device)}/config/desired", docs[device], retain=True, timeout=30)
+        tally.wait_each("config/reported", answered, 60, f"{what} (published again)")
     rejected = {d: docs[-1]["rejected"] for d, docs in tally.json_on("config/reported").items()
                 if docs and (docs[-1].get("rejected") or {}).get("version") == version}  # fmt: skip
     assert not rejected, f"desired version {version} rejected by {len(rejected)}: {list(rejected.items())[:2]}"
@@ -331,13 +357,14 @@ def test_fleet_on_nats_cluster_with_node_loss(tmp_path: Path, cluster: NatsClust
         spread = {n.name: len(clients_of(n, fleet)) for n in cluster.nodes}
         assert all(spread.values()), f"agents per node: {spread}"
 
-        rollout_s = rollout(fleet, probe, tally, 1, timeout=90)
+        losses = Losses(resend=not STRICT_DELIVERY)
+        rollout_s = rollout(fleet, probe, tally, 1, REPLY_WAIT_S,
+                            lambda d: nats_diagnosis(cluster, fleet, d, "config.desired"), losses)  # fmt: skip
         clock.lap("rollout -> all reported")
 
         def diagnose(silent: list[str]) -> str:
             return nats_diagnosis(cluster, fleet, silent, f"groups.{GROUP}.cmd")
 
-        losses = Losses(resend=not STRICT_DELIVERY)
         times = start_stop(fleet, probe, probe, tally, clock, diagnose, losses)
 
         # The victim: the node (not the watcher's) with the most agents on it now.
