@@ -9,6 +9,10 @@
     P/D/C/events            flow events (started, stopped, uploaded, failed, completed)
     P/D/telemetry           retained  periodic health summary
     P/D/C/snapshot          retained  the newest snapshot, raw JPEG bytes
+    P/D/config/desired      retained  the operator's desired configuration (versioned)
+    P/D/config/reported     retained  the configuration the agent runs (redacted)
+    P/groups/G/cmd          commands for every member of group G (QoS 1)
+    P/D/groups/G/reply      one reply per member and group command
 
 Home Assistant (see `DiscoveryTopics`):
 
@@ -120,6 +124,24 @@ class Topics:
             return None
         camera = topic[len(head) : -len("/cmd")]
         return camera if camera and "/" not in camera else None
+
+    @property
+    def config_desired(self) -> str:
+        """P/D/config/desired: the operator's wanted configuration (retained, versioned)."""
+        return f"{self.base}/config/desired"
+
+    @property
+    def config_reported(self) -> str:
+        """P/D/config/reported: what the agent runs, which version, what waits, what was rejected (retained)."""
+        return f"{self.base}/config/reported"
+
+    def group_command(self, group: str) -> str:
+        """P/groups/G/cmd: one command for every member of group G (not under this device)."""
+        return f"{self.prefix}/groups/{group}/cmd"
+
+    def group_reply(self, group: str) -> str:
+        """P/D/groups/G/reply: this device's one answer to a group command."""
+        return f"{self.base}/groups/{group}/reply"
 
 
 @dataclass(frozen=True)
