@@ -45,9 +45,9 @@ def camera_cfg(camera: CameraSim, mount: str, password: str | None = None) -> di
     return {"url": url, "rtsp_transport": "tcp", "max_seconds": 600}
 
 
-def add_groups(rig: Rig, groups: list[str]) -> None:
+def patch_config(rig: Rig, **keys: Any) -> None:
     doc = yaml.safe_load(rig.config_path.read_text())
-    doc["groups"] = groups
+    doc.update(keys)
     rig.config_path.write_text(yaml.safe_dump(doc))
 
 
@@ -62,6 +62,8 @@ def test_desired_config_live_add_remove_reject_restart(tmp_path: Path, broker, p
                                                        camera: CameraSim, s3, bucket) -> None:  # fmt: skip
     rig = make_rig(tmp_path, broker, probe, prefix, make_agent, cameras={"cam1": camera_cfg(camera, "cam1")},
                    storage=minio_storage(s3, bucket))  # fmt: skip
+    ha = f"{prefix}/ha"  # under the probe's subscription
+    patch_config(rig, homeassistant={"enabled": True, "discovery_prefix": ha})
     rig.start_agent()
     first = wait_reported(rig, lambda p: p["version"] is None)
     assert first["state"] == "applied" and set(first["config"]["cameras"]) == {"cam1"}
@@ -74,6 +76,8 @@ def test_desired_config_live_add_remove_reject_restart(tmp_path: Path, broker, p
     assert rep["state"] == "applied" and rep["pending"] == [] and rep["rejected"] is None
     assert set(rep["config"]["cameras"]) == {"cam1", "cam2"} and rep["config"]["recording"]["max_seconds"] == 900
     assert SECRET not in json.dumps(rep) and rep["config"]["cameras"]["cam2"]["url"].startswith("rtsp://***@")
+    # Home Assistant learns of the new camera at once.
+    assert probe.wait_for(f"{ha}/device/{rig.device}_cam2/config", lambda p: "cmps" in p, timeout=10)
     assert rig.request("cam2", {"action": "start", "task_name": "added"})["ok"] is True
     rig.wait_status("cam2", "added", "recording", timeout=30)
     record_for(3)
@@ -95,6 +99,9 @@ def test_desired_config_live_add_remove_reject_restart(tmp_path: Path, broker, p
     assert set(rep["config"]["cameras"]) == {"cam2"}
     gone = rig.request("cam1", {"action": "status"})
     assert gone["ok"] is False and "not configured" in gone["error"]
+    # ...and forgets the removed one (an empty retained config deletes the device); its status is cleared.
+    probe.wait_for_raw(f"{ha}/device/{rig.device}_cam1/config", lambda p: p == b"", timeout=10)
+    probe.wait_for_raw(rig.status_topic("cam1"), lambda p: p == b"", timeout=10)
 
     # 3. An invalid document is rejected whole, with its key paths; version 2 keeps running.
     publish_desired(rig, 3, {"cameras": {"cam2": {"rtsp_transport": "tcp"}, "cam3": camera_cfg(camera, "cam3")},
@@ -126,7 +133,7 @@ def test_desired_while_offline_and_group_commands(tmp_path: Path, broker, probe,
                                                   camera: CameraSim) -> None:  # fmt: skip
     rig = make_rig(tmp_path, broker, probe, prefix, make_agent, cameras={"cam1": camera_cfg(camera, "cam1")},
                    storage={"type": "local"})  # fmt: skip
-    add_groups(rig, ["site-a"])
+    patch_config(rig, groups=["site-a"])
     # Published while the agent is offline (never started yet): retained, applied when it connects.
     publish_desired(rig, 5, {"cameras": {"cam1": camera_cfg(camera, "cam1"), "cam3": camera_cfg(camera, "cam3")},
                              "groups": ["site-a", "all"]})  # fmt: skip
