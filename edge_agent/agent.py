@@ -40,6 +40,7 @@ from edge_agent.intake import CommandIntake
 from edge_agent.journal import Journal
 from edge_agent.lifecycle import Lifecycle, RecorderFactory, UploadSubmitter
 from edge_agent.limits import InboundGate
+from edge_agent.management import Management
 from edge_agent.messages import Command
 from edge_agent.recorder import Recorder, probe_camera
 from edge_agent.recording import (
@@ -55,10 +56,11 @@ from edge_agent.recording import (
     SnapshotTaken,
 )
 from edge_agent.redact import redact
+from edge_agent.remoteconfig import Desired, Rejected
 from edge_agent.reporter import Publisher, PublishStats, Reporter, Subscriber, free_bytes
 from edge_agent.retention import apply_retention
 from edge_agent.taskbook import BUSY_STATUSES, TaskBook
-from edge_agent.tasks import ACTIVE_STATUSES, Status, Task
+from edge_agent.tasks import ACTIVE_STATUSES, UPLOAD_STATUSES, Status, Task
 from edge_agent.topics import Topics
 
 __all__ = ["Agent", "Event", "Publisher", "RecorderFactory", "Shutdown", "UploadSubmitter"]
@@ -71,6 +73,17 @@ HOUSEKEEPING_SECONDS = 60.0
 @dataclass(frozen=True)
 class Shutdown:
     reason: str
+
+
+@dataclass(frozen=True)
+class RemoteSetup:
+    """What remote management starts from (`edge_agent.management.load_desired`)."""
+
+    local_raw: dict[str, Any]  # agent.yaml as read, before validation: the base of every desired document
+    desired: Desired | None = None  # the stored document `cfg` was built with
+    applied_at: str | None = None
+    problem: Rejected | None = None  # a stored document that no longer builds on the local file
+    new_uploads: Callable[[Any], UploadSubmitter | None] | None = None  # StorageConfig -> a started pool
 
 
 Event = MqttEvent | RecorderEvent | SnapshotTaken | UploadEvent | Shutdown
@@ -92,6 +105,7 @@ class Agent:
         events: queue.SimpleQueue[Event],
         recorder_factory: RecorderFactory = _default_recorder,
         gate: InboundGate | None = None,
+        remote: RemoteSetup | None = None,
     ) -> None:
         self.cfg = cfg
         self.topics = Topics.of(cfg)
@@ -120,6 +134,13 @@ class Agent:
         }
         if cfg.homeassistant.enabled and isinstance(publisher, Subscriber):
             publisher.add_subscription(self.report.ha_topics.ha_status)
+        self.on_secrets: Callable[[tuple[str, ...]], None] | None = None  # e.g. the log redactor
+        self._new_uploads = remote.new_uploads if remote is not None else None
+        self.manage: Management | None = None
+        if remote is not None:
+            self.manage = Management(self, publisher, self.topics, journal, remote.local_raw, remote.desired,
+                                     remote.applied_at, remote.problem)  # fmt: skip
+            self.manage.subscribe()
 
     @property
     def metrics_snapshot(self) -> dict[str, Any]:
@@ -176,6 +197,9 @@ class Agent:
         next_telemetry = time.monotonic() + period if period > 0 else math.inf
         while True:
             now = time.monotonic()
+            if self.cfg.telemetry_seconds != period:  # changed remotely
+                period = self.cfg.telemetry_seconds
+                next_telemetry = now + period if period > 0 else math.inf
             for task in self.book.due(now):
                 log.info("%s reached its maximum duration of %d s", task.task_id, task.max_seconds)
                 self.tasks.request_stop(task, f"max_duration_reached: {task.max_seconds} s")
@@ -201,6 +225,8 @@ class Agent:
         """Apply one event; an exception is logged and never ends the loop."""
         try:
             self._dispatch(event)
+            if self.manage is not None:
+                self.manage.after_event()  # a change that waited for a task may apply now
         except Exception:
             log.exception("error handling %s", type(event).__name__)
 
@@ -218,8 +244,12 @@ class Agent:
                 self.report.discovery()
                 if self.cfg.telemetry_seconds > 0:
                     self.report.telemetry()
+                if self.manage is not None:
+                    self.manage.republish()
             case MessageReceived(topic=topic, payload=payload):
-                if topic == self.report.ha_topics.ha_status and payload.strip().lower() == b"online":
+                if self.manage is not None and self.manage.on_message(topic, payload):
+                    pass
+                elif topic == self.report.ha_topics.ha_status and payload.strip().lower() == b"online":
                     log.info("Home Assistant came online: publishing discovery")
                     self.report.discovery()
             case OutboxReady():
@@ -261,13 +291,17 @@ class Agent:
             self._snapshots.request(camera, cmd, ev, self._ffmpeg_error)
             return
         log.info("command %s on %s (task %r, request %r)", cmd.action, camera, cmd.task_name, cmd.request_id)
+        doc, ok = self.camera_command(camera, cmd)
+        self._intake.reply(camera, doc, ok, cmd.request_id, ev)
+
+    def camera_command(self, camera: str, cmd: Command) -> tuple[dict[str, Any], bool]:
+        """Run one admitted command on a configured camera: (reply document, ok)."""
         try:
-            doc, ok = self._handlers[cmd.action](camera, cmd)
+            return self._handlers[cmd.action](camera, cmd)
         except Exception as exc:
             log.exception("command %s on %s failed", cmd.action, camera)
-            doc, ok = {"status": "error", "camera_id": camera,
-                       "error": f"internal error: {redact(str(exc), self.secrets)}"}, False  # fmt: skip
-        self._intake.reply(camera, doc, ok, cmd.request_id, ev)
+            return {"status": "error", "camera_id": camera,
+                    "error": f"internal error: {redact(str(exc), self.secrets)}"}, False  # fmt: skip
 
     def _cmd_start(self, camera: str, cmd: Command) -> tuple[dict[str, Any], bool]:
         assert cmd.task_name is not None
@@ -360,6 +394,65 @@ class Agent:
             if url:
                 doc["download_url"] = url
         return doc
+
+    # ---- remote management (edge_agent.management) ---------------------------------------------
+
+    def running_task(self, camera: str) -> str | None:
+        task = self.book.holder(camera)
+        return task.task_name if task is not None and task.status in ACTIVE_STATUSES else None
+
+    def busy_cameras(self) -> dict[str, str]:
+        """Cameras whose configuration must not change now: camera -> the task using it."""
+        return {t.camera_id: t.task_name for t in self.book.holders() if t.status in BUSY_STATUSES}
+
+    def uploads_in_flight(self) -> int:
+        return sum(1 for t in self.book.in_flight() if t.status in UPLOAD_STATUSES)
+
+    def reconfigure(self, new: AgentConfig) -> None:
+        """Run `new` from now on (cameras, recording, storage, groups, telemetry, log level), live.
+
+        Cameras that did not change are not touched; the caller (`Management`) never passes a change
+        to a camera that is recording. A changed or removed camera's ring buffer is stopped (bounded)
+        and a new one started; a changed store gets a new upload pool once the old one is idle.
+        """
+        old = self.cfg
+        removed = old.cameras.keys() - new.cameras.keys()
+        changed = {c for c in old.cameras.keys() & new.cameras.keys() if old.cameras[c] != new.cameras[c]}
+        for camera in sorted(removed | changed):
+            self.tasks.stop_buffer(camera)
+            self._probe_cache.pop(camera, None)
+        self.secrets = tuple(dict.fromkeys(self.secrets + secret_values(new)))  # old ones may still show up
+        for part in (self.report, self.tasks, self._intake, self._snapshots):
+            part.cfg = new
+        self.cfg = new
+        self.tasks.set_secrets(self.secrets)
+        self._snapshots.set_secrets(self.secrets)
+        if self.on_secrets is not None:
+            self.on_secrets(self.secrets)
+        self.book.set_cameras(new.cameras)
+        if new.storage != old.storage:
+            self._swap_uploads(new)
+        if new.log_level != old.log_level:
+            logging.getLogger().setLevel(new.log_level)
+        for camera in sorted(removed):  # its retained topics would otherwise tell of a camera that is gone
+            self._pub.publish(self.topics.status(camera), b"", retain=True)
+            self._pub.publish(self.topics.snapshot(camera), b"", retain=True)
+        self.tasks.start_buffers()
+        log.info("configuration changed: cameras %s added, %s removed, %s changed",
+                 sorted(new.cameras.keys() - old.cameras.keys()), sorted(removed), sorted(changed))  # fmt: skip
+        self.report.discovery()
+        self.report.uploads(force=True)
+        if new.telemetry_seconds > 0:
+            self.report.telemetry()
+
+    def _swap_uploads(self, new: AgentConfig) -> None:
+        if self._uploads is not None:
+            self._uploads.stop(timeout=3.0)
+        pool = self._new_uploads(new.storage) if self._new_uploads is not None else None
+        if pool is not None:
+            pool.set_paused(self.report.uploads_paused)
+        self._uploads = self.tasks.uploads = pool
+        log.info("object store changed: storage %s", new.storage.type)
 
     # ---- shutdown --------------------------------------------------------------------------
 

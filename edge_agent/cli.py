@@ -7,6 +7,7 @@ exit codes: run/check-config: 0 ok, 2 invalid configuration; ctl: see `edge-agen
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import queue
@@ -16,14 +17,16 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from edge_agent import __version__, ctl, durable, ffmpeg, notify, tls
-from edge_agent.agent import Agent, Event, Shutdown
-from edge_agent.config import AgentConfig
-from edge_agent.configload import load_config, secret_values
+from edge_agent.agent import Agent, Event, RemoteSetup, Shutdown
+from edge_agent.config import AgentConfig, StorageConfig
+from edge_agent.configload import load_config, parse_config, read_yaml, secret_values
 from edge_agent.errors import ConfigError
 from edge_agent.journal import Journal
 from edge_agent.limits import InboundGate
+from edge_agent.management import load_desired
 from edge_agent.metrics import MetricsServer
 from edge_agent.mqtt import MqttLink
 from edge_agent.redact import redact
@@ -145,19 +148,44 @@ def start_watchdog(events: HeartbeatQueue, stopping: threading.Event) -> notify.
     return notify.Watchdog(seconds / 2, alive).start()
 
 
-def run_agent(cfg: AgentConfig, redactor: RedactingFormatter) -> int:
+def run_agent(cfg: AgentConfig, redactor: RedactingFormatter, local_raw: dict[str, Any] | None = None) -> int:
     events = HeartbeatQueue()
     stopping = threading.Event()
     output_dir = cfg.recording.output_dir.resolve()
     durable.make_dirs(output_dir)  # its name too must survive a power cut, or the journal is lost
     journal = Journal(output_dir / JOURNAL_NAME)
+    remote = None
+    if local_raw is not None:
+        # The last desired configuration accepted over MQTT runs before the broker is reachable.
+        remote_cfg, desired, applied_at, problem = load_desired(journal, local_raw)
+        if problem is not None:
+            log.error("stored desired configuration not applied: %s; running the local file", problem)
+        if remote_cfg is not None and desired is not None:
+            log.info("running desired configuration version %d (applied %s)", desired.version, applied_at)
+            cfg = remote_cfg
+            redactor.secrets = secret_values(cfg)
+            logging.getLogger().setLevel(cfg.log_level)
+
+        def new_uploads(storage: StorageConfig) -> UploadPool | None:
+            if storage.type != "minio":
+                return None
+            new_pool = UploadPool(MinioStore(storage), storage, events.put)
+            new_pool.start()
+            return new_pool
+
+        remote = RemoteSetup(local_raw, desired, applied_at, problem, new_uploads)
     pool = None
     if cfg.storage.type == "minio":
         pool = UploadPool(MinioStore(cfg.storage), cfg.storage, events.put)
     gate = InboundGate(cfg.mqtt.inbound_queue)
     link = MqttLink(cfg.mqtt, Topics.of(cfg), cfg.mqtt_client_id(), events.put, gate)
-    agent = Agent(cfg, link, journal, pool, events, gate=gate)
+    agent = Agent(cfg, link, journal, pool, events, gate=gate, remote=remote)
     redactor.secrets = agent.secrets
+
+    def set_secrets(secrets: tuple[str, ...]) -> None:
+        redactor.secrets = secrets
+
+    agent.on_secrets = set_secrets
     err = agent.resolve_ffmpeg()
     if err:
         log.error("%s; start commands will be answered with this error", err)
@@ -226,13 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "ctl":
         return ctl.run(args)
     try:
-        cfg = load_config(args.config)
+        local_raw = read_yaml(args.config)
+        cfg = parse_config(copy.deepcopy(local_raw))
     except ConfigError as exc:
         print(f"{args.config}: invalid configuration:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
     redactor = setup_logging(args.log_level or cfg.log_level, args.log_format, secret_values(cfg))
     try:
-        return run_agent(cfg, redactor)
+        return run_agent(cfg, redactor, local_raw)
     except ConfigError as exc:  # found only when used, e.g. a TLS key that its key_password does not open
         log.error("invalid configuration: %s", exc)
         return EXIT_CONFIG

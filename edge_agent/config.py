@@ -343,13 +343,27 @@ class AgentConfig(_Model):
     metrics: MetricsConfig = MetricsConfig()
     telemetry_seconds: float = Field(60.0, ge=0, description="retained P/D/telemetry period; 0 disables")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    groups: list[str] = Field(
+        default_factory=list, max_length=32,
+        description="groups this device belongs to: it executes commands sent on P/groups/<group>/cmd",
+    )  # fmt: skip
 
     @field_validator("device_id")
     @classmethod
     def _device(cls, v: str) -> str:
         if not DEVICE_ID_RE.match(v):
             raise ValueError("must be 1-64 of letters, digits, '_' or '-'")
+        if v == "groups":
+            raise ValueError("device id 'groups' is reserved (P/groups/<group>/cmd carries group commands)")
         return v
+
+    @field_validator("groups")
+    @classmethod
+    def _groups(cls, v: list[str]) -> list[str]:
+        bad = [g for g in v if not CAMERA_ID_RE.match(g)]
+        if bad:
+            raise ValueError(f"group names must be 1-64 of letters, digits, '_' or '-': {bad}")
+        return list(dict.fromkeys(v))
 
     @field_validator("cameras")
     @classmethod

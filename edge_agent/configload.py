@@ -130,6 +130,11 @@ def parse_config(raw: object, env: dict[str, str] | None = None) -> AgentConfig:
 
 def load_config(path: Path, env: dict[str, str] | None = None) -> AgentConfig:
     """Read and validate `agent.yaml`; raises ConfigError naming each problem."""
+    return parse_config(read_yaml(path), env)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """`agent.yaml` as a mapping, not yet validated (the base a desired document is merged onto)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -142,4 +147,6 @@ def load_config(path: Path, env: dict[str, str] | None = None) -> AgentConfig:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise ConfigError(f"{path} is not valid YAML: {problem}{where}") from None
-    return parse_config(raw, env)
+    if not isinstance(raw, dict):
+        raise ConfigError("the configuration must be a YAML mapping at the top level")
+    return raw

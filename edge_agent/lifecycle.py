@@ -60,7 +60,6 @@ class Lifecycle:
         self._post = post
         self._new_recorder = new_recorder
         self._secrets = secrets
-        self._url_retained = cfg.storage.download_url == "retained"
         self.tools: tuple[str, str] | None = None  # (ffmpeg, ffprobe) once found
         self.buffers: dict[str, CameraBuffer] = {}  # camera -> its ring buffer (cameras with buffer_seconds)
         self.stopping = False  # the agent is shutting down: a finished recording lets go at once
@@ -167,6 +166,19 @@ class Lifecycle:
             buffer.start()
             log.info("camera %s: ring buffer of %d s in %s", camera, cam.buffer_seconds, ring)
 
+    def _url_retained(self) -> bool:
+        return self.cfg.storage.download_url == "retained"
+
+    def set_secrets(self, secrets: tuple[str, ...]) -> None:
+        self._secrets = secrets
+
+    def stop_buffer(self, camera: str) -> None:
+        """Stop one camera's ring buffer (removed or changed): bounded, like at shutdown."""
+        buffer = self.buffers.pop(camera, None)
+        if buffer is not None:
+            buffer.request_stop()
+            buffer.join(timeout=self.cfg.recording.stop_timeout_seconds + 5)
+
     def stop_buffers(self) -> None:
         for buffer in self.buffers.values():
             buffer.request_stop()
@@ -265,7 +277,7 @@ class Lifecycle:
                 if task is not None:
                     self.update(
                         task, status=Status.UPLOADED, bucket=event.bucket, object_name=event.object_name,
-                        download_url=(event.download_url or None) if self._url_retained else None,
+                        download_url=(event.download_url or None) if self._url_retained() else None,
                         local_file_deleted=event.local_file_deleted,
                         upload_attempts=event.attempts, next_retry_at=None, error=None,
                     )  # fmt: skip

@@ -58,6 +58,73 @@ class Command(BaseModel):
         return v
 
 
+GroupAction = Literal["start", "stop", "status"]
+MAX_GROUP_CAMERAS = 64
+
+
+class GroupCommand(BaseModel):
+    """One command from `P/groups/G/cmd`, executed by every member of the group."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    action: GroupAction
+    request_id: StrictStr = Field(min_length=1, max_length=MAX_REQUEST_ID_CHARS)
+    cameras: list[StrictStr] | None = Field(None, max_length=MAX_GROUP_CAMERAS)
+    task_name: StrictStr | None = None
+    max_seconds: StrictInt | None = Field(None, ge=1, le=10**9)
+    pre_roll_seconds: StrictInt | StrictFloat | None = Field(None, ge=0, le=3600)
+
+    def for_camera(self, task_name: str | None) -> Command:
+        """The camera command this group command means for one member camera."""
+        return Command(action=self.action, task_name=task_name, request_id=self.request_id,
+                       max_seconds=self.max_seconds, pre_roll_seconds=self.pre_roll_seconds)  # fmt: skip
+
+
+def decode_group_command(payload: bytes, max_bytes: int) -> tuple[GroupCommand | None, str | None, str | None]:
+    """(command, request_id, error): decoded once, like `decode_command`, every failure named."""
+    raw, error = _load_object(payload, max_bytes)
+    if raw is None:
+        return None, None, error
+    rid = _clean_request_id(raw.get("request_id"))
+    if rid is None:
+        return None, None, f"request_id is required: a string of 1-{MAX_REQUEST_ID_CHARS} printable characters"
+    try:
+        cmd = GroupCommand.model_validate(raw)
+    except ValidationError as exc:
+        return None, rid, _validation_problems(exc)
+    for value, what in [(c, "cameras[]") for c in cmd.cameras or []] + [(cmd.task_name, "task_name")]:
+        if value is not None:
+            try:
+                names.check_name(value, what, MAX_TASK_NAME_BYTES)
+            except names.InvalidName as exc:
+                return None, rid, str(exc)
+    return cmd, rid, None
+
+
+def _validation_problems(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'payload'}: {e['msg']}"
+                     for e in exc.errors(include_url=False, include_input=False))  # fmt: skip
+
+
+def _load_object(payload: bytes, max_bytes: int) -> tuple[dict[str, Any] | None, str | None]:
+    """A JSON object from untrusted bytes, or why not (size first; never an exception)."""
+    if len(payload) > max_bytes:
+        return None, f"payload of {len(payload)} bytes exceeds the {max_bytes}-byte limit"
+    try:
+        raw = json.loads(payload.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, "payload is not UTF-8"
+    except json.JSONDecodeError as exc:
+        return None, f"payload is not valid JSON: {exc.msg} at position {exc.pos}"
+    except RecursionError:
+        return None, "payload is nested too deeply"
+    except ValueError as exc:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+        return None, f"payload cannot be decoded: {str(exc)[:120]}"
+    if not isinstance(raw, dict):
+        return None, "payload must be a JSON object"
+    return raw, None
+
+
 def validate_task_name(name: str) -> str:
     """Return the task name if it is safe as a file name, object key and topic level (`names`)."""
     try:
@@ -99,29 +166,16 @@ def decode_command(payload: bytes, max_bytes: int) -> Decoded:
     switch = parse_switch(payload)
     if switch is not None:
         return Decoded(None, switch=switch)
-    try:
-        raw = json.loads(payload.decode("utf-8"))
-    except UnicodeDecodeError:
-        return Decoded(None, None, "payload is not UTF-8")
-    except json.JSONDecodeError as exc:
-        return Decoded(None, None, f"payload is not valid JSON: {exc.msg} at position {exc.pos}")
-    except RecursionError:
-        return Decoded(None, None, "payload is nested too deeply")
-    except ValueError as exc:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
-        return Decoded(None, None, f"payload cannot be decoded: {str(exc)[:120]}")
-    if not isinstance(raw, dict):
-        return Decoded(None, None, "payload must be a JSON object")
+    raw, error = _load_object(payload, max_bytes)
+    if raw is None:
+        return Decoded(None, None, error)
     rid = _clean_request_id(raw.get("request_id"))
     if "request_id" in raw and rid is None:
         return Decoded(None, None, f"request_id must be a string of 1-{MAX_REQUEST_ID_CHARS} printable characters")
     try:
         cmd = Command.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'payload'}: {e['msg']}"
-            for e in exc.errors(include_url=False, include_input=False)
-        )
-        return Decoded(None, rid, problems)
+        return Decoded(None, rid, _validation_problems(exc))
     if cmd.action == "export":
         if cmd.range_from is None or cmd.range_to is None:
             return Decoded(None, rid, "action 'export' needs from and to (UTC times)")

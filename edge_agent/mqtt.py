@@ -118,6 +118,12 @@ class MqttLink:
         if self._connected.is_set():
             self._client.subscribe(topic, qos=1)
 
+    def remove_subscription(self, topic: str) -> None:
+        """Stop receiving `topic` (added by `add_subscription`): at once, and at every later connect."""
+        self._extra = self._extra - {topic}
+        if self._connected.is_set():
+            self._client.unsubscribe(topic)
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:

@@ -38,6 +38,7 @@ class Subscriber(Protocol):
     """Optional: a publisher that can also subscribe to extra topics (the MQTT link can)."""
 
     def add_subscription(self, topic: str) -> None: ...
+    def remove_subscription(self, topic: str) -> None: ...
 
 
 @runtime_checkable

@@ -80,6 +80,9 @@ class Snapshots:
         self._post = post
         self._pending: dict[str, tuple[Command, CommandReceived]] = {}  # camera -> the command waiting
 
+
+    def set_secrets(self, secrets: tuple[str, ...]) -> None:
+        self._secrets = secrets
     def request(self, camera: str, cmd: Command, ev: CommandReceived, ffmpeg_error: str | None) -> None:
         """Start a grab (from the ring if the camera has one), or answer why not."""
         tools = self._tasks.tools

@@ -43,6 +43,12 @@ class TaskBook:
         self._retained: dict[str, OrderedDict[str, Task]] = {c: OrderedDict() for c in cameras}
         self._limit = retained_per_camera
 
+    def set_cameras(self, cameras: Iterable[str]) -> None:
+        """The configured cameras changed: new ones get a remembered set; removed ones keep theirs
+        until their last task is forgotten (a running task still finishes and is remembered)."""
+        for camera in cameras:
+            self._retained.setdefault(camera, OrderedDict())
+
     # ---- in flight ------------------------------------------------------------------------------
 
     def get(self, task_id: str) -> Task | None:

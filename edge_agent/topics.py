@@ -9,10 +9,10 @@
     P/D/C/events            flow events (started, stopped, uploaded, failed, completed)
     P/D/telemetry           retained  periodic health summary
     P/D/C/snapshot          retained  the newest snapshot, raw JPEG bytes
-    P/D/config/desired      retained  the operator's desired configuration (versioned)
-    P/D/config/reported     retained  the configuration the agent runs (redacted)
-    P/groups/G/cmd          commands for every member of group G (QoS 1)
-    P/D/groups/G/reply      one reply per member and group command
+    P/D/config/desired      retained  the configuration the operator wants (docs/remote-management.md)
+    P/D/config/reported     retained  the configuration running, its version, what waits
+    P/groups/G/cmd          group commands, executed by every member of group G
+    P/D/groups/G/reply      each member's one reply to a group command
 
 Home Assistant (see `DiscoveryTopics`):
 
@@ -125,23 +125,29 @@ class Topics:
         camera = topic[len(head) : -len("/cmd")]
         return camera if camera and "/" not in camera else None
 
+    # ---- remote management (docs/remote-management.md) ------------------------------------------
+
     @property
     def config_desired(self) -> str:
-        """P/D/config/desired: the operator's wanted configuration (retained, versioned)."""
         return f"{self.base}/config/desired"
 
     @property
     def config_reported(self) -> str:
-        """P/D/config/reported: what the agent runs, which version, what waits, what was rejected (retained)."""
         return f"{self.base}/config/reported"
 
     def group_command(self, group: str) -> str:
-        """P/groups/G/cmd: one command for every member of group G (not under this device)."""
         return f"{self.prefix}/groups/{group}/cmd"
 
     def group_reply(self, group: str) -> str:
-        """P/D/groups/G/reply: this device's one answer to a group command."""
         return f"{self.base}/groups/{group}/reply"
+
+    def group_of_command(self, topic: str) -> str | None:
+        """The group of a `P/groups/G/cmd` topic, or None for any other topic."""
+        head = f"{self.prefix}/groups/"
+        if not topic.startswith(head) or not topic.endswith("/cmd"):
+            return None
+        group = topic[len(head) : -len("/cmd")]
+        return group if group and "/" not in group else None
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,9 @@ class SubscribingPublisher(FakePublisher):
     def add_subscription(self, topic: str) -> None:
         self.subscriptions.append(topic)
 
+    def remove_subscription(self, topic: str) -> None:
+        self.subscriptions.remove(topic)
+
 
 @pytest.fixture
 def build(tmp_path: Path) -> Iterator[Callable[..., Harness]]:
