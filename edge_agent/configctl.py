@@ -14,7 +14,6 @@ checked here with the agent's own models before it is sent, so a typo never reac
 from __future__ import annotations
 
 import argparse
-import copy
 import difflib
 import json
 import queue
@@ -25,11 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, SecretStr, ValidationError
 
-from edge_agent import names
+from edge_agent import remoteconfig
 from edge_agent.config import AgentConfig
-from edge_agent.configload import SECRET_FILE_KEYS, format_validation_error
 from edge_agent.ctlconn import (
     EXIT_FAILED,
     EXIT_OK,
@@ -43,7 +40,7 @@ from edge_agent.ctlconn import (
 from edge_agent.redact import MASK, redact
 from edge_agent.topics import Topics
 
-MANAGED_KEYS = ("cameras", "recording", "storage", "groups", "telemetry_seconds", "log_level")
+MANAGED_KEYS = remoteconfig.MANAGED_KEYS
 # Keys whose value is a secret wherever they appear (the SecretStr fields of the models but camera URLs,
 # whose credentials `redact` removes while keeping the host).
 SECRET_KEYS = frozenset({"password", "secret_key", "access_key", "key_password", "token"})
@@ -92,83 +89,47 @@ def read_document(path: Path) -> dict[str, Any]:
         doc = doc["config"] if doc["config"] is not None else {}
         if not isinstance(doc, dict):
             raise CtlError(EXIT_USAGE, f"{path}: 'config' must be a mapping")
+    try:
+        json.dumps(doc)
+    except (TypeError, ValueError):  # e.g. a YAML date or a non-string key
+        raise CtlError(EXIT_USAGE, f"{path}: holds values JSON cannot carry (quote dates and times)") from None
     return doc
-
-
-def _without_secret_files(config: dict[str, Any]) -> dict[str, Any]:
-    """`*_file` secrets name files on the device: checked there; here a placeholder stands in."""
-    out = copy.deepcopy(config)
-    for path in SECRET_FILE_KEYS:
-        if path[0] == "mqtt":
-            continue
-        parent: Any = out
-        for part in path[:-1]:
-            parent = parent.get(part) if isinstance(parent, dict) else None
-        if isinstance(parent, dict) and f"{path[-1]}_file" in parent and parent.get(path[-1]) is None:
-            parent.pop(f"{path[-1]}_file")
-            parent[path[-1]] = "placeholder"
-    cameras = out.get("cameras")
-    if isinstance(cameras, dict):
-        for cam in cameras.values():
-            if isinstance(cam, dict) and "url_file" in cam and cam.get("url") is None:
-                cam.pop("url_file")
-                cam["url"] = "rtsp://placeholder/"
-    return out
 
 
 def check(config: dict[str, Any]) -> list[str]:
     """Problems of a desired `config` found without the device, one `key.path: message` each.
 
-    Unknown top-level keys; then each present key validated with the agent's models (a key replaces
-    the device's whole local key, so it must be valid on its own). Rules that depend on the device
-    (its other keys, its files and disk) are checked by the device, which rejects with key paths."""
-    unknown = sorted(str(k) for k in config if k not in MANAGED_KEYS)
-    if unknown:
-        return [f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: a desired document may "
-                f"hold only {', '.join(MANAGED_KEYS)}"]  # fmt: skip
-    problems: list[str] = []
-    raw = _without_secret_files(config)
-    groups = raw.pop("groups", None) if "groups" not in AgentConfig.model_fields else None
-    if groups is not None:
-        if not isinstance(groups, list):
-            problems.append("groups: must be a list of group names")
-        else:
-            for i, g in enumerate(groups):
-                try:
-                    names.check_name(g if isinstance(g, str) else "", f"groups.{i}")
-                except names.InvalidName as exc:
-                    problems.append(str(exc))
+    The agent's own rules (`remoteconfig`): only the managed keys, no local-only paths, and the
+    document merged onto a minimal agent.yaml validated by the same models (a key replaces the
+    device's local key whole, so it must be valid on its own). What depends on the device's own
+    agent.yaml, files and disk is checked there, and rejected with key paths."""
     try:
-        AgentConfig.model_validate({"device_id": CHECK_DEVICE, **raw})
-    except ValidationError as exc:
-        problems.extend(format_validation_error(exc).splitlines())
-    return problems
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, SecretStr):
-        return value.get_secret_value()
-    if isinstance(value, BaseModel):
-        return _plain(value.model_dump())
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
+        desired = remoteconfig.parse_desired(json.dumps({"version": 1, "config": config}).encode(), 2**24)
+        remoteconfig.build({"device_id": CHECK_DEVICE}, desired, env={})
+    except remoteconfig.Rejected as exc:
+        return [f"{p.path}: {p.message}" for p in exc.problems]
+    return []
 
 
 def normalise(config: dict[str, Any]) -> dict[str, Any]:
-    """`config` with the models' defaults filled in and secrets redacted, so that two documents meaning
-    the same compare equal (unchanged if it does not validate)."""
-    keys = [k for k in config if k in AgentConfig.model_fields]
+    """`config` as an agent reports it (the models' defaults filled in, secrets redacted, local-only
+    paths left out), so that two documents meaning the same compare equal. Unchanged but redacted if
+    it does not validate."""
+    keys = [k for k in config if k in remoteconfig.MANAGED_KEYS]
     try:
-        model = AgentConfig.model_validate({"device_id": CHECK_DEVICE, **{k: config[k] for k in keys}})
-    except ValidationError:
+        desired = remoteconfig.Desired(1, {k: config[k] for k in keys})
+        full = remoteconfig.redacted(remoteconfig.build({"device_id": CHECK_DEVICE}, desired, env={}))
+    except remoteconfig.Rejected:
         return dict(redact_config(config))
-    full = {**config, **{k: _plain(getattr(model, k)) for k in keys}}
-    return dict(redact_config(full))
+    out = {**config, **{k: full[k] for k in keys if k in full}}
+    for path in remoteconfig.LOCAL_ONLY:  # the device's own paths: never sent, so never a difference
+        section, key = path.split(".")
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k != key}
+    if isinstance(out.get("cameras"), dict):
+        out["cameras"] = {cid: {k: v for k, v in cam.items() if k not in remoteconfig.LOCAL_ONLY_CAMERA_KEYS}
+                          if isinstance(cam, dict) else cam for cid, cam in out["cameras"].items()}  # fmt: skip
+    return dict(redact_config(out))
 
 
 def diff_text(reported: dict[str, Any], other: dict[str, Any], left: str, right: str) -> str:
@@ -265,7 +226,7 @@ def _set(args: argparse.Namespace, cfg: AgentConfig, conn: Conn, topics: Topics,
                        f"({cfg.mqtt.max_payload_bytes}) allows")  # fmt: skip
     conn.publish_acked(topics.config_desired, payload, deadline, retain=True)
     print(f"edge-agent ctl: published version {version} on {topics.config_desired}", file=sys.stderr, flush=True)
-    result = reported if reported is not None and outcome(reported, version) is not None else None
+    result: dict[str, Any] | None = None  # the report the agent publishes on receipt (even for the same document)
     while result is None:
         left = deadline - time.monotonic()
         if left <= 0:

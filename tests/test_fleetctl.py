@@ -263,7 +263,7 @@ def test_config_set_get_diff(tmp_path: Path, broker: Mosquitto, probe: MqttProbe
     # Invalid here already: exit 2, nothing published (the retained desired document is still 5).
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"mqtt": {"host": "x"}, "cameras": {"c": {"url": ""}}}))
     code, out, err, _ = run_ctl(capsys, ctl_cfg, "config", "set", str(tmp_path / "bad.yaml"))
-    assert code == 2 and "unknown key mqtt" in err and "nothing sent" in err, err
+    assert code == 2 and "mqtt: stays local" in err and "nothing sent" in err, err
     (tmp_path / "bad2.yaml").write_text(yaml.safe_dump({"cameras": {"c": {"url": ""}}}))
     code, out, err, _ = run_ctl(capsys, ctl_cfg, "config", "set", str(tmp_path / "bad2.yaml"))
     assert code == 2 and "cameras.c.url" in err, err
@@ -300,3 +300,61 @@ def test_snapshot_saves_the_jpeg(tmp_path: Path, broker: Mosquitto, probe: MqttP
     assert out.startswith("cam1: snapshot (frame_time: ") and "bytes: " in out
     jpeg = (tmp_path / "cam1.jpg").read_bytes()
     assert jpeg.startswith(b"\xff\xd8") and f"bytes: {len(jpeg)})" in out and f"wrote {len(jpeg)} bytes" in err
+
+
+# ------------------------------------------------------------------------------ real agents (issue 14)
+
+
+def with_groups(config: Path, groups: list[str]) -> Path:
+    doc = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**doc, "groups": groups}, sort_keys=False))
+    return config
+
+
+def test_group_start_stop_and_config_set_on_real_agents(tmp_path: Path, broker: Mosquitto, probe: MqttProbe,
+                                                        prefix: str, make_agent: Any, camera: Any,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    cam1 = {"url": camera.url("cam1")}
+    configs = {d: with_groups(agent_config(tmp_path, broker, prefix, d, cameras={"cam1": cam1}), ["site-r"])
+               for d in ("r-1", "r-2")}  # fmt: skip
+    probe.subscribe(f"{prefix}/+/config/reported")
+    for config in configs.values():
+        make_agent(config)
+    for device in configs:
+        probe.wait_for(f"{prefix}/{device}/config/reported", lambda p: p["groups"] == ["site-r"], timeout=30)
+    ctl_cfg = agent_config(tmp_path, broker, prefix, "ctl-home")
+
+    code, out, err, _ = run_ctl(capsys, ctl_cfg, "--group", "site-r", "--timeout", "20", "start", "cam1", "g-1")
+    assert code == 0, (out, err)
+    rows = table(out)
+    assert set(rows) == {("r-1", "cam1"), ("r-2", "cam1")}, out
+    assert all(cells[0] == "yes" and cells[2] == "g-1" for cells in rows.values()), out
+    code, out, err, _ = run_ctl(capsys, ctl_cfg, "--group", "site-r", "--timeout", "20", "--json", "stop")
+    assert code == 0, (out, err)
+    assert {(d["device_id"], d["camera_id"], d["task_name"]) for d in map(json.loads, out.splitlines())} == {
+        ("r-1", "cam1", "g-1"), ("r-2", "cam1", "g-1")}  # fmt: skip
+
+    # A camera added remotely to r-1 answers at once; secrets never printed; diff agrees with the agent.
+    desired = {"cameras": {"cam1": {**cam1, "rtsp_transport": "tcp", "max_seconds": 3600},
+                           "cam2": {"url": f"rtsp://viewer:{CAM_PASSWORD}@127.0.0.1:9/cam2"}},
+               "groups": ["site-r", "all"]}  # fmt: skip
+    (tmp_path / "desired.yaml").write_text(yaml.safe_dump({"config": desired}))
+    code, out, err, _ = run_ctl(capsys, ctl_cfg, "--device", "r-1", "--timeout", "20", "config", "set",
+                                str(tmp_path / "desired.yaml"))  # fmt: skip
+    assert code == 0 and out.startswith("r-1: version 1 "), (out, err)
+    code, out, err, _ = run_ctl(capsys, ctl_cfg, "--device", "r-1", "status", "cam2")
+    assert (code, out.strip()) == (0, "cam2: idle"), (out, err)
+    code, out, err, _ = run_ctl(capsys, ctl_cfg, "--device", "r-1", "config", "diff")
+    assert (code, out) == (0, ""), (out, err)
+    code, out, err, _ = run_ctl(capsys, ctl_cfg, "--device", "r-1", "config", "get")
+    doc = json.loads(out)
+    assert doc["reported"]["version"] == 1 and doc["reported"]["groups"] == ["site-r", "all"]
+    assert CAM_PASSWORD not in out + err and "rtsp://***@127.0.0.1:9/cam2" in out
+    # The same document again (version 2) is applied; the stale --version 1 with new content is refused.
+    code, out, err, _ = run_ctl(capsys, ctl_cfg, "--device", "r-1", "--timeout", "20", "config", "set",
+                                str(tmp_path / "desired.yaml"))  # fmt: skip
+    assert code == 0 and out.startswith("r-1: version 2 applied"), (out, err)
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump({"telemetry_seconds": 5}))
+    code, out, err, _ = run_ctl(capsys, ctl_cfg, "--device", "r-1", "--timeout", "20", "config", "set",
+                                str(tmp_path / "other.yaml"), "--version", "2")  # fmt: skip
+    assert code == 1 and "version 2 rejected" in out and "version:" in out, (out, err)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from edge_agent import configctl, ctl, fleetctl
+from edge_agent import configctl, ctl, fleetctl, remoteconfig
 from edge_agent.cli import build_parser, main
 from edge_agent.ctlconn import Msg
 from edge_agent.messages import decode_command
@@ -221,16 +221,20 @@ def test_check_names_unknown_keys_and_bad_values_by_path() -> None:
     assert configctl.check({"cameras": {"cam1": {"url": "rtsp://h/s"}}, "recording": {"max_seconds": 60},
                             "groups": ["site-a"], "telemetry_seconds": 30, "log_level": "DEBUG"}) == []  # fmt: skip
     assert configctl.check({}) == []
-    problems = configctl.check({"mqtt": {"host": "x"}, "device_id": "y", "cameras": {}})
-    assert len(problems) == 1 and "unknown keys device_id, mqtt" in problems[0] and "cameras, recording" in problems[0]
+    problems = configctl.check({"mqtt": {"host": "x"}, "device_id": "y", "frobnicate": 1, "cameras": {}})
+    assert sorted(p.split(":")[0] for p in problems) == ["device_id", "frobnicate", "mqtt"], problems
+    assert any(p.startswith("mqtt: stays local") for p in problems) and "unknown key" in " ".join(problems)
     problems = configctl.check({"cameras": {"cam1": {"url": ""}}, "recording": {"max_seconds": 0}})
     assert any(p.startswith("cameras.cam1.url:") for p in problems), problems
     assert any(p.startswith("recording.max_seconds:") for p in problems), problems
     assert configctl.check({"groups": "site-a"}) != []
     assert configctl.check({"groups": ["a/b"]}) != []
-    # Secret files are the device's: not read here, but their siblings are still checked.
-    assert configctl.check({"storage": {"type": "minio", "access_key": "a", "secret_key_file": "/run/s"},
-                            "cameras": {"cam1": {"url_file": "/run/cam1"}}}) == []  # fmt: skip
+    # The agent's local-only rules: its paths, what it executes, its secret files.
+    problems = configctl.check({"recording": {"output_dir": "/tmp/x", "ffmpeg_path": "/bin/sh"},
+                                "storage": {"type": "minio", "access_key": "a", "secret_key_file": "/run/s"},
+                                "cameras": {"cam1": {"url_file": "/run/cam1"}}})  # fmt: skip
+    assert sorted(p.split(":")[0] for p in problems) == [
+        "cameras.cam1.url_file", "recording.ffmpeg_path", "recording.output_dir", "storage.secret_key_file"]
     assert CAM_PASSWORD not in " ".join(configctl.check({"cameras": {"c": {"url": f"x{CAM_PASSWORD}"}}}))
 
 
@@ -273,11 +277,20 @@ def test_diff_compares_meaning_over_the_desired_keys_without_secrets() -> None:
                "storage": {"type": "minio", "access_key": "AK", "secret_key": S3_SECRET}}  # fmt: skip
     # As an agent reports it: every default filled in, secrets redacted its own way, other keys too.
     reported = {"cameras": {"cam1": {"url": "rtsp://**********@10.0.0.5/s", "rtsp_transport": "tcp",
-                                     "buffer_seconds": 0}},
+                                     "buffer_seconds": 0, "buffer_dir": "/dev/shm/x"}},
                 "storage": {"type": "minio", "access_key": "**********", "secret_key": "**********",
                             "bucket": "recordings"},
                 "recording": {"max_seconds": 600}, "telemetry_seconds": 60.0}  # fmt: skip
     assert configctl.diff_text(reported, desired, "reported", "desired") == ""
+    # Exactly what the agent reports for it (remoteconfig.redacted): no difference either.
+    as_reported = remoteconfig.redacted(remoteconfig.build(
+        {"device_id": "d", "recording": {"output_dir": "/var/rec"}}, remoteconfig.Desired(1, desired), env={}))
+    assert CAM_PASSWORD not in json.dumps(as_reported) and as_reported["recording"]["output_dir"] == "/var/rec"
+    assert configctl.diff_text(as_reported, desired, "reported", "desired") == ""
+    rec = {"recording": {"max_seconds": 60}}
+    changes = [line for line in configctl.diff_text(as_reported, rec, "r", "d").splitlines()[2:]
+               if line[:1] in "+-"]  # fmt: skip
+    assert changes == ['-    "max_seconds": 3600,', '+    "max_seconds": 60,'], changes  # not output_dir
     changed = {**desired, "cameras": {"cam1": {"url": f"rtsp://admin:{CAM_PASSWORD}@10.0.0.6/s", "max_seconds": 60}}}
     text = configctl.diff_text(reported, changed, "reported (version 3)", "desired (version 4)")
     assert text.startswith("--- reported (version 3)\n+++ desired (version 4)")
