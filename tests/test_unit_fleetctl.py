@@ -19,7 +19,7 @@ import yaml
 from edge_agent import configctl, ctl, fleetctl, remoteconfig
 from edge_agent.cli import build_parser, main
 from edge_agent.ctlconn import Msg
-from edge_agent.messages import decode_command
+from edge_agent.messages import decode_command, decode_group_command
 from edge_agent.topics import Topics
 
 CAM_PASSWORD = "cam-pw-41x"
@@ -76,6 +76,17 @@ def test_group_start_without_a_task_name_gets_one_for_every_member() -> None:
     assert "cameras" not in payload and payload["task_name"].startswith("ctl-") and payload["max_seconds"] == 30
     status = fleetctl.group_payload(build_parser().parse_args(["ctl", "--group", "g", "status"]), None)
     assert set(status) == {"action", "request_id"}
+
+
+def test_group_payloads_are_what_the_agent_accepts() -> None:
+    parser = build_parser()
+    for argv in (["start", "cam1,cam2", "patrol", "--max-seconds", "60"], ["stop"], ["status", "--cameras", "c"]):
+        args = parser.parse_args(["ctl", "--group", "g", *argv])
+        cameras = args.cameras or (args.camera.split(",") if args.camera else None)
+        payload = fleetctl.group_payload(args, cameras)
+        cmd, rid, error = decode_group_command(json.dumps(payload).encode(), 65536)
+        assert cmd is not None and error is None and rid == payload["request_id"], (argv, error)
+        assert cmd.action == argv[0] and cmd.cameras == cameras
 
 
 def test_export_and_snapshot_payloads_are_what_the_agent_accepts() -> None:
