@@ -54,6 +54,8 @@ from edge_agent.errors import ConfigError
 from edge_agent.tasks import TERMINAL_OK_STATUSES, TERMINAL_STATUSES
 from edge_agent.topics import Topics
 
+_Conn = Conn  # its name before the split into ctlconn.py (tests/test_e2e_acl.py, tests/test_unit_tls.py)
+
 TERMINAL_OK = TERMINAL_OK_STATUSES
 TERMINAL = TERMINAL_STATUSES
 ACTIONS = ("start", "stop", "status", "query")
