@@ -119,6 +119,7 @@ class Agent:
         self.tasks = Lifecycle(cfg, journal, self.book, self.report, uploads, events.put, recorder_factory,
                                self.secrets)  # fmt: skip
         self._intake = CommandIntake(cfg, publisher, self.topics, self.book, self.report.counters, gate)
+        self._gate = gate
         self._probe_cache: dict[str, Literal["copy", "transcode"]] = {}
         self._snapshots = snapshot.Snapshots(cfg, publisher, self.topics, self._intake, self.tasks, self.secrets,
                                              events.put)  # fmt: skip
@@ -247,6 +248,8 @@ class Agent:
                 if self.manage is not None:
                     self.manage.republish()
             case MessageReceived(topic=topic, payload=payload):
+                if self._gate is not None:
+                    self._gate.done()
                 if self.manage is not None and self.manage.on_message(topic, payload):
                     pass
                 elif topic == self.report.ha_topics.ha_status and payload.strip().lower() == b"online":

@@ -222,3 +222,28 @@ def test_new_store_credentials_apply_to_waiting_uploads(tmp_path: Path, broker, 
     assert final["status"] == "uploaded", final
     stat = s3.client().stat_object(bucket, final["object_name"])
     assert stat.size == final["size_bytes"]
+
+
+def test_group_topic_flood_does_not_take_the_agent_down(tmp_path: Path, broker, probe, prefix, make_agent,
+                                                         camera: CameraSim) -> None:  # fmt: skip
+    """A hostile client on the shared broker floods a group topic the device is in: the agent stays
+    connected, answers within its rate (mqtt.command_burst, then commands_per_second), and its
+    own commands still get through."""
+    rig = make_rig(tmp_path, broker, probe, prefix, make_agent, cameras={"cam1": camera_cfg(camera, "cam1")},
+                   storage={"type": "local"}, mqtt={"command_burst": 20, "commands_per_second": 5})  # fmt: skip
+    patch_config(rig, groups=["site-a"])
+    rig.start_agent()
+    wait_reported(rig, lambda p: p["groups"] == ["site-a"])
+    with MqttProbe(broker.host, broker.port) as hostile:
+        began = time.monotonic()
+        for i in range(3000):
+            hostile.publish(f"{prefix}/groups/site-a/cmd", {"action": "status", "request_id": f"flood-{i}"}, qos=0)
+        hostile.publish(f"{prefix}/groups/site-a/cmd", b"\xff\xfe not json", qos=1)
+    reply = rig.request("cam1", {"action": "status"}, timeout=20)
+    assert reply["ok"] is True
+    elapsed = time.monotonic() - began
+    time.sleep(1.0)
+    answered = [m for m in probe.messages(f"{rig.base}/groups/site-a/reply")]
+    assert 1 <= len(answered) <= 20 + 5 * (elapsed + 1.0) + 1, (len(answered), elapsed)
+    assert rig.agent is not None and rig.agent.is_alive()
+    assert rig.agent.log_text().count("connected to 127.0.0.1") == 1
