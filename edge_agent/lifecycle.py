@@ -256,6 +256,21 @@ class Lifecycle:
         self.uploads.submit(task.task_id, path, task.object_name, task.sha256, task.size_bytes,
                             task.started.timestamp(), task.upload_attempts or 0, task.upload_id)  # fmt: skip
 
+    def requeue_uploads(self) -> int:
+        """The object store changed (`storage` reconfigured): every task waiting to upload goes to the new
+        one from the start (a multipart upload id of the old store means nothing there); with no store
+        any more, the local file is the recording (`completed`)."""
+        waiting = [t for t in self.book.in_flight() if t.status in UPLOAD_STATUSES]
+        for task in waiting:
+            if self.uploads is None:
+                self.book.land(task.task_id)
+                self.update(task, status=Status.COMPLETED, next_retry_at=None, upload_id=None)
+                self.book.release(task)
+            else:
+                self.update(task, upload_id=None, bytes_uploaded=None, next_retry_at=None)
+                self.queue_upload(task, resuming=True)
+        return len(waiting)
+
     def upload_event(self, event: UploadEvent) -> None:
         match event:
             case UploadAttempt(task_id=tid, attempt=n):

@@ -189,9 +189,10 @@ class Plan:
         return not self.pending
 
 
-def plan(current: AgentConfig, target: AgentConfig, busy_cameras: dict[str, str], uploads_in_flight: int) -> Plan:
+def plan(current: AgentConfig, target: AgentConfig, busy_cameras: dict[str, str]) -> Plan:
     """Apply everything except a change to a camera that is recording (`busy_cameras`: camera ->
-    its task name) and a storage change while uploads for the old store are in flight."""
+    its task name). A storage change applies at once: waiting uploads move to the new store (an
+    operator fixing the credentials of an unreachable store must not wait for it to drain)."""
     cameras = dict(target.cameras)
     pending: list[Problem] = []
     for cam_id, task_name in sorted(busy_cameras.items()):
@@ -206,12 +207,7 @@ def plan(current: AgentConfig, target: AgentConfig, busy_cameras: dict[str, str]
             cameras[cam_id] = old
             why = f"changed; task {task_name} is recording, applied when it ends"
         pending.append(Problem(f"cameras.{cam_id}", why))
-    storage = target.storage
-    if target.storage != current.storage and uploads_in_flight:
-        storage = current.storage
-        pending.append(Problem("storage", f"{uploads_in_flight} task(s) still to upload to the old store; "
-                                          "applied when they are done"))  # fmt: skip
     if not pending:
         return Plan(target)
-    effective = target.model_copy(update={"cameras": cameras, "storage": storage})
+    effective = target.model_copy(update={"cameras": cameras})
     return Plan(effective, pending)

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 from parts import CameraSim, MqttProbe
+from parts.base import free_port
 from rig import Rig, make_rig, minio_storage, record_for
 
 pytestmark = pytest.mark.integration
@@ -195,3 +196,54 @@ def test_reported_is_retained_for_a_late_reader(tmp_path: Path, broker, probe, p
         late.subscribe(reported_topic(rig))
         msg = late.wait_for_message(reported_topic(rig), timeout=10)
         assert msg.retain and msg.json()["version"] == 1 and msg.json()["config"]["telemetry_seconds"] == 5
+
+
+def test_new_store_credentials_apply_to_waiting_uploads(tmp_path: Path, broker, probe, prefix, make_agent,
+                                                        camera: CameraSim, s3, bucket) -> None:  # fmt: skip
+    """The store moved (the device's endpoint answers nothing): the upload waits, retrying; the
+    operator sends the new endpoint and key remotely: the waiting upload goes there without a
+    restart, and the key never shows in `reported`. (A store that refuses the key fails the upload
+    at once, with the reason: AccessDenied is not retried.)"""
+    wrong = minio_storage(s3, bucket, endpoint=f"127.0.0.1:{free_port()}", secret_key="old-secret-key-1")
+    rig = make_rig(tmp_path, broker, probe, prefix, make_agent, cameras={"cam1": camera_cfg(camera, "cam1")},
+                   storage=wrong)  # fmt: skip
+    rig.start_agent()
+    assert rig.request("cam1", {"action": "start", "task_name": "stuck"})["ok"] is True
+    rig.wait_status("cam1", "stuck", "recording", timeout=30)
+    record_for(2)
+    rig.request("cam1", {"action": "stop", "task_name": "stuck"})
+    waiting = rig.wait_status("cam1", "stuck", "upload_pending", timeout=60)
+    assert waiting["last_upload_error"]
+    right = {**wrong, "endpoint": s3.endpoint, "secret_key": s3.secret_key, "min_free_bytes": 0}
+    publish_desired(rig, 1, {"storage": right})
+    rep = wait_reported(rig, lambda p: p["version"] == 1)
+    assert s3.secret_key not in json.dumps(rep) and rep["state"] == "applied"
+    final = rig.wait_status("cam1", "stuck", {"uploaded", "failed"}, timeout=60)
+    assert final["status"] == "uploaded", final
+    stat = s3.client().stat_object(bucket, final["object_name"])
+    assert stat.size == final["size_bytes"]
+
+
+def test_group_topic_flood_does_not_take_the_agent_down(tmp_path: Path, broker, probe, prefix, make_agent,
+                                                         camera: CameraSim) -> None:  # fmt: skip
+    """A hostile client on the shared broker floods a group topic the device is in: the agent stays
+    connected, answers within its rate (mqtt.command_burst, then commands_per_second), and its
+    own commands still get through."""
+    rig = make_rig(tmp_path, broker, probe, prefix, make_agent, cameras={"cam1": camera_cfg(camera, "cam1")},
+                   storage={"type": "local"}, mqtt={"command_burst": 20, "commands_per_second": 5})  # fmt: skip
+    patch_config(rig, groups=["site-a"])
+    rig.start_agent()
+    wait_reported(rig, lambda p: p["groups"] == ["site-a"])
+    with MqttProbe(broker.host, broker.port) as hostile:
+        began = time.monotonic()
+        for i in range(3000):
+            hostile.publish(f"{prefix}/groups/site-a/cmd", {"action": "status", "request_id": f"flood-{i}"}, qos=0)
+        hostile.publish(f"{prefix}/groups/site-a/cmd", b"\xff\xfe not json", qos=1)
+    reply = rig.request("cam1", {"action": "status"}, timeout=20)
+    assert reply["ok"] is True
+    elapsed = time.monotonic() - began
+    time.sleep(1.0)
+    answered = [m for m in probe.messages(f"{rig.base}/groups/site-a/reply")]
+    assert 1 <= len(answered) <= 20 + 5 * (elapsed + 1.0) + 1, (len(answered), elapsed)
+    assert rig.agent is not None and rig.agent.is_alive()
+    assert rig.agent.log_text().count("connected to 127.0.0.1") == 1
