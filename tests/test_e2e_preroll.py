@@ -6,6 +6,10 @@ What users rely on: the MP4 begins at a keyframe at or before `command time - pr
 buffer segment, decodes without a single error, and its frame times have no gap or repeat at the
 seams between ring segments; `recording` is published as soon as the command is handled; a buffered
 task survives a kill -9 like any other; a camera without a buffer refuses a pre-roll with the reason.
+
+The pre-roll test records a simulator that draws each frame's wall-clock time into the frame
+(`camsim --counter`, tests/framestamp.py): decoding the file's frames shows that its first frame
+was captured before the command, by the pre-roll, and its last one around the stop.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
+import framestamp
 import pytest
-from parts import ffprobe_info
+from parts import CameraSim, ffprobe_info
 from rig import Rig, make_rig
 
 pytestmark = pytest.mark.integration
@@ -61,6 +66,26 @@ def frames(path: Path) -> list[tuple[int, bool]]:
     return rows
 
 
+def first_frame_stamp(path: Path, width: int) -> float:
+    """The wall-clock time (epoch seconds) drawn into the file's first frame, decoded whole."""
+    gray = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-frames:v", "1", "-fps_mode", "passthrough",
+                           "-f", "rawvideo", "-pix_fmt", "gray", "-"],
+                          capture_output=True, check=True, timeout=60).stdout  # fmt: skip
+    return framestamp.decode(gray, width) / 1000
+
+
+def frame_stamps(path: Path) -> list[float]:
+    """The wall-clock time drawn into every frame of the file, in order (only the stamp is decoded
+    into raw pixels: the top-left strip, about 15 kB a frame)."""
+    crop = f"crop={framestamp.WIDTH}:{framestamp.HEIGHT}:0:0"
+    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-vf", crop, "-fps_mode", "passthrough",
+                          "-f", "rawvideo", "-pix_fmt", "gray", "-"],
+                         capture_output=True, check=True, timeout=120).stdout  # fmt: skip
+    size = framestamp.WIDTH * framestamp.HEIGHT
+    assert raw and len(raw) % size == 0, len(raw)
+    return [framestamp.decode(raw[i : i + size], framestamp.WIDTH) / 1000 for i in range(0, len(raw), size)]
+
+
 def decode_errors(path: Path) -> str:
     out = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "null", "-"],
                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
@@ -68,7 +93,9 @@ def decode_errors(path: Path) -> str:
 
 
 def test_start_with_pre_roll_holds_the_seconds_before_the_command(tmp_path: Path, broker, probe, prefix,
-                                                                  make_agent, camera) -> None:  # fmt: skip
+                                                                  make_agent, track) -> None:  # fmt: skip
+    # A camera whose frames carry the wall-clock time they were made.
+    camera = track(CameraSim(tmp_path / "cam", mounts=("cam1", "cam2"), counter=True)).start()
     rig = buffered_rig(tmp_path, broker, probe, prefix, make_agent, camera)
     rig.start_agent()
     wait_ring(tmp_path / "ring", PRE_ROLL + BUFFER_SEGMENT)
@@ -106,7 +133,23 @@ def test_start_with_pre_roll_holds_the_seconds_before_the_command(tmp_path: Path
     # than the whole recording window could explain.
     assert commanded - media_start >= PRE_ROLL - 0.5
 
+    # ... and the frames say so themselves. The first frame was captured the pre-roll before the
+    # command (the head begins at the keyframe at or before that point: up to one segment more, plus
+    # the camera's latency), and the last one around the stop (the tail runs to the end of the
+    # segment holding the stop). Every frame carries its stamp, in capture order.
     rows = frames(mp4)
+    stamps = frame_stamps(mp4)
+    assert len(stamps) == len(rows), (len(stamps), len(rows))
+    assert all(b > a for a, b in itertools.pairwise(stamps)), "frames out of capture order"
+    first, last = stamps[0], stamps[-1]
+    assert first_frame_stamp(mp4, camera.width) == first
+    print(f"first frame {commanded - first:.3f} s before the command; media_start - first "
+          f"{media_start - first:.3f} s; last frame {last - stop_sent:+.3f} s from the stop")  # fmt: skip
+    assert PRE_ROLL - 0.5 <= commanded - first <= PRE_ROLL + BUFFER_SEGMENT + 1.0, commanded - first
+    assert stop_sent - 0.5 <= last <= stop_sent + BUFFER_SEGMENT + 1.0, last - stop_sent
+    # The status' media_start is the first frame's capture time, within the camera's latency.
+    assert abs(media_start - first) <= 1.0, media_start - first
+
     assert rows[0][1], "the first frame must be a keyframe"
     steps = Counter(b - a for (a, _), (b, _) in itertools.pairwise(rows))
     assert len(steps) == 1 and next(iter(steps)) > 0, f"gap or repeat at a seam: {steps}"
