@@ -15,6 +15,7 @@ was captured before the command, by the pre-roll, and its last one around the st
 from __future__ import annotations
 
 import itertools
+import json
 import subprocess
 import time
 from collections import Counter
@@ -24,7 +25,7 @@ from pathlib import Path
 import framestamp
 import pytest
 from parts import CameraSim, ffprobe_info
-from rig import Rig, make_rig
+from rig import DEVICE, Rig, download, make_rig, minio_storage
 
 pytestmark = pytest.mark.integration
 
@@ -253,7 +254,8 @@ def test_snapshot_from_the_buffer_and_from_a_camera_without_one(tmp_path: Path, 
     wait_ring(tmp_path / "ring", 2)
     for cam in ("cam1", "cam2"):  # cam1 from its ring, cam2 by a one-shot grab
         asked = time.time()
-        reply = rig.request(cam, {"action": "snapshot"}, timeout=40)
+        # Kept on request: with storage.type local, on disk next to the camera's recordings.
+        reply = rig.request(cam, {"action": "snapshot", "upload": cam == "cam1"}, timeout=40)
         assert reply["ok"] is True and reply["status"] == "snapshot", reply
         frame_time = epoch(reply["frame_time"])
         assert asked - 2 * BUFFER_SEGMENT - 1.0 <= frame_time <= time.time() + 0.5, (cam, frame_time - asked)
@@ -263,6 +265,47 @@ def test_snapshot_from_the_buffer_and_from_a_camera_without_one(tmp_path: Path, 
         path.write_bytes(jpeg)
         info = ffprobe_info(path)
         assert (info["codec"], info["width"], info["height"]) == ("mjpeg", 1280, 720), info
+        if cam == "cam1":
+            kept = Path(reply["local_file"])
+            assert kept.parent == (rig.output_dir / "cam1").resolve() and kept.read_bytes() == jpeg
+            stamp = f"snapshot_{datetime.fromtimestamp(frame_time, UTC):%Y%m%dT%H%M%S}"
+            assert kept.name.startswith(stamp) and kept.suffix == ".jpg", kept.name
+        else:
+            assert "local_file" not in reply and "object_name" not in reply
+
+
+def test_a_snapshot_uploaded_to_the_object_store(tmp_path: Path, broker, probe, prefix, make_agent, camera, s3,
+                                                 bucket) -> None:  # fmt: skip
+    storage = minio_storage(s3, bucket, download_url="replies")
+    rig = make_rig(tmp_path, broker, probe, prefix, make_agent, cameras={"cam1": {"url": camera.url("cam1")}},
+                   storage=storage)  # fmt: skip
+    rig.start_agent()
+    reply = rig.request("cam1", {"action": "snapshot", "upload": True}, timeout=40)
+    assert reply["ok"] is True and reply["status"] == "snapshot", reply
+    frame_time = datetime.fromtimestamp(epoch(reply["frame_time"]), UTC)
+    # Next to the camera's recordings: <device>/<camera>/YYYY/MM/DD/snapshot_<frame time>.jpg
+    assert reply["bucket"] == bucket
+    assert reply["object_name"].startswith(f"{DEVICE}/cam1/{frame_time:%Y/%m/%d}/snapshot_{frame_time:%Y%m%dT%H%M%S}")
+    jpeg = probe.wait_for_raw(reply["topic"], lambda p: p.startswith(b"\xff\xd8"), timeout=10).payload
+    stored = s3.client().get_object(bucket, reply["object_name"])
+    try:
+        assert stored.read() == jpeg and stored.headers["Content-Type"] == "image/jpeg"
+    finally:
+        stored.close()
+        stored.release_conn()
+    assert download(reply["download_url"], tmp_path / "dl.jpg").read_bytes() == jpeg  # the presigned URL works
+
+    # Uploads paused (a metered link): the snapshot is published but not uploaded, and the reply says why.
+    assert rig.request("cam1", {"action": "pause_uploads"})["ok"] is True
+    paused = rig.request("cam1", {"action": "snapshot", "upload": True}, timeout=40)
+    assert paused["ok"] is False and "uploads are paused" in paused["error"] and paused["bytes"] > 0, paused
+    assert "object_name" not in paused
+    # A bad value is refused, naming the field; no secret ever appears in a reply.
+    bad = rig.request("cam1", {"action": "snapshot", "upload": "yes"})
+    assert bad["ok"] is False and "upload" in bad["error"] and "boolean" in bad["error"], bad
+    for message in probe.messages(rig.reply_topic("cam1")):
+        assert s3.secret_key not in json.dumps(message)
+    assert len(list(s3.client().list_objects(bucket, recursive=True))) == 1
 
 
 def test_a_camera_outage_is_a_counted_gap_in_a_buffered_task(tmp_path: Path, broker, probe, prefix, make_agent,
