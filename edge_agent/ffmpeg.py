@@ -274,10 +274,17 @@ def last_frame_count(progress: bytes) -> int | None:
 
 def parse_segment_line(line: str) -> tuple[str, float] | None:
     """`seg_000003.mp4,6.000000,8.000000` -> ("seg_000003.mp4", 2.0); None for anything else."""
+    times = parse_segment_times(line)
+    return None if times is None else (times[0], max(0.0, times[2] - times[1]))
+
+
+def parse_segment_times(line: str) -> tuple[str, float, float] | None:
+    """`seg_000003.mp4,6.000000,8.000000` -> ("seg_000003.mp4", 6.0, 8.0): the segment's start and end
+    in the stream time of its FFmpeg run; None for anything else."""
     parts = line.strip().rsplit(",", 2)
     if len(parts) != 3:
         return None
     try:
-        return parts[0], max(0.0, float(parts[2]) - float(parts[1]))
+        return parts[0], float(parts[1]), float(parts[2])
     except ValueError:
         return None

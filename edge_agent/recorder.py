@@ -270,11 +270,12 @@ class Recorder(threading.Thread):
                     for raw in complete.split(b"\n") if complete else ():
                         line = raw.decode("utf-8", "replace")
                         if key.data == "segments":
-                            seg = ffmpeg.parse_segment_line(line)
+                            seg = ffmpeg.parse_segment_times(line)
                             if seg is not None:
-                                self._segment_seconds[seg[0]] = seg[1]
-                                self._make_durable([seg[0]])
-                                self._post(SegmentClosed(spec.task_id, spec.segment_dir / seg[0], seg[1]))
+                                name, seconds = seg[0], max(0.0, seg[2] - seg[1])
+                                self._segment_seconds[name] = seconds
+                                self._make_durable([name])
+                                self._post(SegmentClosed(spec.task_id, spec.segment_dir / name, seconds, seg[2]))
                         elif line.strip():
                             self._stderr_tail.append(self._redact(line.strip())[:300])
         try:

@@ -29,6 +29,7 @@ class SegmentClosed:
     task_id: str
     path: Path
     seconds: float
+    media_end: float | None = None  # its end in the stream time of its FFmpeg run, when FFmpeg said
 
 
 @dataclass(frozen=True)

@@ -117,11 +117,31 @@ def test_start_with_pre_roll_holds_the_seconds_before_the_command(tmp_path: Path
     assert events == ["started", "stopped", "completed"], events
     assert final["pre_roll_seconds"] == PRE_ROLL
 
-    # Where the recording really begins: at or before the pre-roll point, within one ring segment.
+    mp4 = Path(final["local_file"])
     media_start = epoch(final["media_start"])
+    # When each frame of the file was captured, drawn into it by the camera; every frame has its
+    # stamp, in capture order.
+    rows = frames(mp4)
+    stamps = frame_stamps(mp4)
+    first, last = stamps[0], stamps[-1]
+    print(f"first frame {commanded - first:.3f} s before the command; media_start - first "
+          f"{media_start - first:+.3f} s; last frame {last - stop_sent:+.3f} s from the stop")  # fmt: skip
+    assert len(stamps) == len(rows), (len(stamps), len(rows))
+    assert all(b > a for a, b in itertools.pairwise(stamps)), "frames out of capture order"
+    assert first_frame_stamp(mp4, camera.width) == first
+
+    # A frame from before the command is in the file: the first frame was captured the pre-roll
+    # before the command (the head begins at the keyframe at or before that point: up to one segment
+    # more, plus the camera's latency), and the last one around the stop (the tail runs to the end
+    # of the segment holding the stop).
+    assert PRE_ROLL - 0.5 <= commanded - first <= PRE_ROLL + BUFFER_SEGMENT + 1.0, commanded - first
+    assert stop_sent - 0.5 <= last <= stop_sent + BUFFER_SEGMENT + 1.0, last - stop_sent
+    # The status says where the recording really begins: the first frame's capture time, within
+    # the camera's latency.
+    assert abs(media_start - first) <= 1.0, media_start - first
     assert commanded - PRE_ROLL - BUFFER_SEGMENT - 0.5 <= media_start <= commanded - PRE_ROLL + 0.5, (
         media_start - commanded)
-    mp4 = Path(final["local_file"])
+
     info = ffprobe_info(mp4)
     window = stop_sent - commanded
     # Pre-roll plus the window, within one segment at each end (the head starts at a keyframe at
@@ -129,27 +149,6 @@ def test_start_with_pre_roll_holds_the_seconds_before_the_command(tmp_path: Path
     assert PRE_ROLL + window - 1.0 <= info["duration"] <= PRE_ROLL + window + 2 * BUFFER_SEGMENT + 1.0, (
         info["duration"], PRE_ROLL + window)
     assert abs(final["duration_seconds"] - info["duration"]) < 0.5
-
-    # A frame from before the command is in the file: the MP4 begins before `commanded` by more
-    # than the whole recording window could explain.
-    assert commanded - media_start >= PRE_ROLL - 0.5
-
-    # ... and the frames say so themselves. The first frame was captured the pre-roll before the
-    # command (the head begins at the keyframe at or before that point: up to one segment more, plus
-    # the camera's latency), and the last one around the stop (the tail runs to the end of the
-    # segment holding the stop). Every frame carries its stamp, in capture order.
-    rows = frames(mp4)
-    stamps = frame_stamps(mp4)
-    assert len(stamps) == len(rows), (len(stamps), len(rows))
-    assert all(b > a for a, b in itertools.pairwise(stamps)), "frames out of capture order"
-    first, last = stamps[0], stamps[-1]
-    assert first_frame_stamp(mp4, camera.width) == first
-    print(f"first frame {commanded - first:.3f} s before the command; media_start - first "
-          f"{media_start - first:.3f} s; last frame {last - stop_sent:+.3f} s from the stop")  # fmt: skip
-    assert PRE_ROLL - 0.5 <= commanded - first <= PRE_ROLL + BUFFER_SEGMENT + 1.0, commanded - first
-    assert stop_sent - 0.5 <= last <= stop_sent + BUFFER_SEGMENT + 1.0, last - stop_sent
-    # The status' media_start is the first frame's capture time, within the camera's latency.
-    assert abs(media_start - first) <= 1.0, media_start - first
 
     assert rows[0][1], "the first frame must be a keyframe"
     steps = Counter(b - a for (a, _), (b, _) in itertools.pairwise(rows))
