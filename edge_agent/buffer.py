@@ -71,6 +71,10 @@ class BufferedSegment:
 class CameraBuffer(Recorder):
     """One camera recorded continuously into a bounded ring of segments (see the module docstring)."""
 
+    # The ring is read only in closed segments and dropped at the next start: neither FFmpeg's flush
+    # per packet nor an fsync per segment buys anything (a buffered task makes its own copies durable).
+    flush_packets = False
+
     def __init__(self, spec: RecordingSpec, seconds: float, max_bytes: int) -> None:
         super().__init__(spec, self._on_event)
         self.name = f"buffer.{spec.camera_id}"
@@ -128,7 +132,11 @@ class CameraBuffer(Recorder):
                 with self._lock:
                     self._run += 1
             case SegmentClosed(path=path, seconds=seconds, media_end=media_end):
+                self._segment_seconds.pop(path.name, None)  # the recorder's per-segment note: not for a ring
                 self._add(path, seconds, self._wall_end(time.time(), media_end))
+
+    def _make_durable(self, names: list[str]) -> None:
+        """Nothing: see `flush_packets` (and a ring running for months keeps no per-segment state)."""
 
     def _wall_end(self, arrival: float, media_end: float | None) -> float:
         """The wall-clock end of a segment FFmpeg reported closed at `arrival` (see the module docstring)."""

@@ -54,6 +54,8 @@ FINALISE_SLOTS = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
 class Recorder(threading.Thread):
     """Records one task until asked to stop, then finalises it; or only finalises (recovery)."""
 
+    flush_packets = True  # FFmpeg writes out every packet (a kill loses at most the fragment in progress)
+
     def __init__(
         self, spec: RecordingSpec, post: Callable[[RecorderEvent], None], *, finalise_only: bool = False
     ) -> None:
@@ -158,7 +160,7 @@ class Recorder(threading.Thread):
         argv = ffmpeg.record_argv(
             spec.ffmpeg, spec.stream, spec.segment_dir, mode=mode, segment_seconds=spec.segment_seconds,
             start_number=self._next_segment_number(), preset=spec.preset, stats_period_s=spec.stats_period,
-            segment_list_fd=seg_w,
+            segment_list_fd=seg_w, flush_packets=self.flush_packets,
         )  # fmt: skip
         try:
             try:

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from test_unit_recorder import spec
 
-from edge_agent import buffer
+from edge_agent import buffer, durable, ffmpeg
 from edge_agent.buffer import CameraBuffer
+from edge_agent.ffmpeg import StreamInput
 from edge_agent.recording import Interrupted, SegmentClosed
 
 
@@ -57,3 +58,24 @@ def test_an_earlier_report_lowers_the_offset_and_a_new_run_starts_anew(
     close(buf, 3, 2.0, 4.0)  # (even without an Interrupted, media time going back is a new run)
     assert [s.end - t0 for s in list(buf._ring)[2:]] == pytest.approx([30.5, 32.5])
     assert buf._ring[-1].run == 1
+
+
+def test_a_ring_keeps_no_state_per_segment_and_skips_flushes_and_fsyncs(
+    ring: tuple[CameraBuffer, list[float]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    buf, arrivals = ring
+    synced: list[Path] = []
+    monkeypatch.setattr(durable, "fsync_file", synced.append)
+    arrivals += [1_000_000.0 + 2 * n for n in range(1, 101)]
+    for n in range(100):  # as the recorder does: note the segment, make it durable, post it
+        name = f"seg_{n:06d}.mp4"
+        buf._segment_seconds[name] = 2.0
+        buf._make_durable([name])
+        close(buf, n, 2.0 * n, 2.0 * n + 2.0)
+    assert buf._segment_seconds == {} and buf._durable == set() and synced == []
+    assert len(buf._ring) < 100  # the 60 s ring pruned the rest
+    argv = ffmpeg.record_argv("ffmpeg", StreamInput("rtsp://cam/x"), Path("/ring"), mode="copy",
+                              flush_packets=buf.flush_packets)  # fmt: skip
+    assert ffmpeg.RING_MP4_OPTIONS in argv and "flush_packets" not in " ".join(argv)
+    task = ffmpeg.record_argv("ffmpeg", StreamInput("rtsp://cam/x"), Path("/rec"), mode="copy")
+    assert ffmpeg.FRAGMENTED_MP4_OPTIONS in task and "flush_packets=1" in ffmpeg.FRAGMENTED_MP4_OPTIONS
