@@ -65,6 +65,7 @@ def check_mp4(path: Path, final: dict[str, Any], min_seconds: float) -> dict[str
     return info
 
 
+@pytest.mark.timeout(1200)  # the first Docker test waits for the image (built in the background)
 def test_check_config_works_as_the_readme_says(tmp_path: Path, image: str) -> None:
     """`docker run --rm -v agent.yaml:/etc/edge-agent/agent.yaml:ro IMAGE check-config`, and a bad file."""
     good = write_config(tmp_path / "agent.yaml", device_id=DEVICE, mqtt_port=1883, topic_prefix="edge",
@@ -84,6 +85,7 @@ def test_check_config_works_as_the_readme_says(tmp_path: Path, image: str) -> No
     assert docker("run", "--rm", image, "id", "-u").stdout.strip() == AGENT_UID
 
 
+@pytest.mark.timeout(1200)
 def test_container_records_uploads_and_finalises_on_docker_stop(
     tmp_path: Path, image: str, volume: str, broker: Mosquitto, probe: MqttProbe, prefix: str,
     camera: CameraSim, s3: SeaweedS3, bucket: str,
