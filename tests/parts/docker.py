@@ -208,6 +208,10 @@ class DockerPrep:
             cmd += ["--secret", f"id=extra-ca,src={bundle}"]
         self._made.append(self.image_tag)
         self._step("build", [*cmd, str(ROOT)], timeout=PREP_TIMEOUT)
+        for name, tag in (("image_mb", self.image_tag), ("base_image_mb", self.base_tag)):
+            size = docker("image", "inspect", "--format", "{{.Size}}", tag, check=False).stdout.strip()
+            if size.isdigit():
+                self.timings[name] = round(int(size) / 1e6)
 
     # -- teardown
     def cleanup(self) -> None:
