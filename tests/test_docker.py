@@ -40,7 +40,8 @@ def image(docker_prep: DockerPrep) -> str:
 
 
 @pytest.fixture
-def volume() -> Iterator[str]:
+def volume(image: str) -> Iterator[str]:
+    """A named volume for the state directory (the image prepares it, as for users), removed after."""
     name = f"edge-agent-test-{uuid.uuid4().hex[:10]}"
     docker("volume", "create", name)
     try:
