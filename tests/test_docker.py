@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from faultproxy import LOCALHOST, FaultProxy
 from parts import CameraSim, Mosquitto, MqttProbe, SeaweedS3, ffprobe_info, moov_before_mdat, write_config
-from parts.docker import Container, DockerPrep, docker
+from parts.docker import EXTRA_CA_DIR, Container, DockerPrep, docker, extra_ca_bundle
 from rig import download, minio_storage, mosquitto_pub
 
 pytestmark = pytest.mark.integration
@@ -84,6 +84,20 @@ def test_check_config_works_as_the_readme_says(tmp_path: Path, image: str) -> No
     # The image's other entry points: --version, and any command.
     assert docker("run", "--rm", image, "--version").stdout.startswith("edge-agent ")
     assert docker("run", "--rm", image, "id", "-u").stdout.strip() == AGENT_UID
+
+
+@pytest.mark.timeout(1200)
+def test_extra_ca_certificates_stay_out_of_the_image(tmp_path: Path, image: str) -> None:
+    """The build got the host's extra CA certificates as a secret (pip needed them here); none is shipped."""
+    bundle = extra_ca_bundle(tmp_path)
+    if bundle is None:
+        pytest.skip(f"no extra CA certificates in {EXTRA_CA_DIR} on this machine")
+    lines = [line for line in bundle.read_text().splitlines() if line and "CERTIFICATE" not in line]
+    needle = lines[len(lines) // 2]  # a line of base64 from inside the first certificate
+    found = docker("run", "--rm", "--user", "0", "--entrypoint", "grep", image, "-rlsF", needle,
+                   "/etc", "/opt", "/usr/local", "/usr/share/ca-certificates", "/usr/lib/ssl", "/root", "/tmp",
+                   "/var", check=False)  # fmt: skip
+    assert found.returncode != 0 and not found.stdout.strip(), found  # 1: not found (2: a folder is absent)
 
 
 @pytest.mark.timeout(1200)
