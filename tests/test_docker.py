@@ -24,7 +24,7 @@ from parts import CameraSim, Mosquitto, MqttProbe, SeaweedS3, ffprobe_info, moov
 from parts.docker import EXTRA_CA_DIR, Container, DockerPrep, docker, extra_ca_bundle
 from rig import download, minio_storage, mosquitto_pub
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 DEVICE = "edge-docker"
 IMAGE_CONFIG = "/etc/edge-agent/agent.yaml"
