@@ -118,7 +118,7 @@ def normalise(config: dict[str, Any]) -> dict[str, Any]:
     keys = [k for k in config if k in remoteconfig.MANAGED_KEYS]
     try:
         desired = remoteconfig.Desired(1, {k: config[k] for k in keys})
-        full = remoteconfig.redacted(remoteconfig.build({"device_id": CHECK_DEVICE}, desired, env={}))
+        full = remoteconfig.redacted(remoteconfig.build({"device_id": CHECK_DEVICE}, desired, env={}), full=True)
     except remoteconfig.Rejected:
         return dict(redact_config(config))
     out = {**config, **{k: full[k] for k in keys if k in full}}

@@ -153,12 +153,20 @@ def _problems(text: str) -> list[Problem]:
     return out or [Problem("(document)", "invalid")]
 
 
-def redacted(cfg: AgentConfig) -> dict[str, Any]:
-    """The managed keys of `cfg` as JSON, every secret masked (camera URLs keep their host)."""
-    doc = cfg.model_dump(mode="json", include=set(MANAGED_KEYS))
+def redacted(cfg: AgentConfig, full: bool = False) -> dict[str, Any]:
+    """The managed keys of `cfg` as JSON, every secret masked (camera URLs keep their host).
+
+    Values equal to their defaults are left out unless `full`: `reported` says what is set, and
+    stays small enough for brokers with a small packet limit. Local-only paths are left out."""
+    doc = cfg.model_dump(mode="json", include=set(MANAGED_KEYS), exclude_defaults=not full)
     for cam_id, cam in cfg.cameras.items():
         url = cam.url.get_secret_value()
-        doc["cameras"][cam_id]["url"] = redact.redact(url, tuple(redact.url_secrets(url)))
+        doc.setdefault("cameras", {}).setdefault(cam_id, {})["url"] = redact.redact(url, tuple(redact.url_secrets(url)))
+        doc["cameras"][cam_id].pop("buffer_dir", None)
+    for path in LOCAL_ONLY:  # the device's own (output_dir, FFmpeg paths): not the operator's to see or set
+        section, key = path.split(".")
+        if isinstance(doc.get(section), dict):
+            doc[section].pop(key, None)
     out: dict[str, Any] = _finite(doc)
     return out
 

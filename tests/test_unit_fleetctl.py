@@ -296,7 +296,7 @@ def test_diff_compares_meaning_over_the_desired_keys_without_secrets() -> None:
     # Exactly what the agent reports for it (remoteconfig.redacted): no difference either.
     as_reported = remoteconfig.redacted(remoteconfig.build(
         {"device_id": "d", "recording": {"output_dir": "/var/rec"}}, remoteconfig.Desired(1, desired), env={}))
-    assert CAM_PASSWORD not in json.dumps(as_reported) and as_reported["recording"]["output_dir"] == "/var/rec"
+    assert CAM_PASSWORD not in json.dumps(as_reported) and "output_dir" not in as_reported.get("recording", {})
     assert configctl.diff_text(as_reported, desired, "reported", "desired") == ""
     rec = {"recording": {"max_seconds": 60}}
     changes = [line for line in configctl.diff_text(as_reported, rec, "r", "d").splitlines()[2:]
