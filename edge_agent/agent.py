@@ -60,7 +60,7 @@ from edge_agent.remoteconfig import Desired, Rejected
 from edge_agent.reporter import Publisher, PublishStats, Reporter, Subscriber, free_bytes
 from edge_agent.retention import apply_retention
 from edge_agent.taskbook import BUSY_STATUSES, TaskBook
-from edge_agent.tasks import ACTIVE_STATUSES, UPLOAD_STATUSES, Status, Task
+from edge_agent.tasks import ACTIVE_STATUSES, Status, Task
 from edge_agent.topics import Topics
 
 __all__ = ["Agent", "Event", "Publisher", "RecorderFactory", "Shutdown", "UploadSubmitter"]
@@ -119,6 +119,7 @@ class Agent:
         self.tasks = Lifecycle(cfg, journal, self.book, self.report, uploads, events.put, recorder_factory,
                                self.secrets)  # fmt: skip
         self._intake = CommandIntake(cfg, publisher, self.topics, self.book, self.report.counters, gate)
+        self._gate = gate
         self._probe_cache: dict[str, Literal["copy", "transcode"]] = {}
         self._snapshots = snapshot.Snapshots(cfg, publisher, self.topics, self._intake, self.tasks, self.secrets,
                                              events.put)  # fmt: skip
@@ -247,6 +248,8 @@ class Agent:
                 if self.manage is not None:
                     self.manage.republish()
             case MessageReceived(topic=topic, payload=payload):
+                if self._gate is not None:
+                    self._gate.done()
                 if self.manage is not None and self.manage.on_message(topic, payload):
                     pass
                 elif topic == self.report.ha_topics.ha_status and payload.strip().lower() == b"online":
@@ -402,11 +405,9 @@ class Agent:
         return task.task_name if task is not None and task.status in ACTIVE_STATUSES else None
 
     def busy_cameras(self) -> dict[str, str]:
-        """Cameras whose configuration must not change now: camera -> the task using it."""
-        return {t.camera_id: t.task_name for t in self.book.holders() if t.status in BUSY_STATUSES}
-
-    def uploads_in_flight(self) -> int:
-        return sum(1 for t in self.book.in_flight() if t.status in UPLOAD_STATUSES)
+        """Cameras whose configuration must not change now: camera -> the task using it (recording,
+        finishing or uploading, exports of its ring included)."""
+        return {t.camera_id: t.task_name for t in self.book.in_flight() if t.status in BUSY_STATUSES}
 
     def reconfigure(self, new: AgentConfig) -> None:
         """Run `new` from now on (cameras, recording, storage, groups, telemetry, log level), live.
@@ -452,7 +453,8 @@ class Agent:
         if pool is not None:
             pool.set_paused(self.report.uploads_paused)
         self._uploads = self.tasks.uploads = pool
-        log.info("object store changed: storage %s", new.storage.type)
+        moved = self.tasks.requeue_uploads()
+        log.info("object store changed: storage %s; %d waiting upload(s) go to it", new.storage.type, moved)
 
     # ---- shutdown --------------------------------------------------------------------------
 

@@ -4,8 +4,13 @@ A `CameraBuffer` is one FFmpeg per camera (the recorder's own supervision: resta
 stall watchdog, reaped) writing keyframe-aligned fragmented-MP4 segments into a ring directory, RAM
 (`/dev/shm`) by default so flash storage is not worn. It keeps the newest `buffer_seconds` (and
 never more than `buffer_max_bytes`), each segment stamped with the wall-clock time of its first and
-last frame. A segment is stamped when FFmpeg reports it closed, so its end is the report's arrival
-time (the camera's own latency, well under a second on a LAN, is not corrected for).
+last frame. Those come from the segment's own media times (FFmpeg's segment list: start and end in
+the stream time of its run) plus the run's offset to the wall clock, taken as the smallest
+`arrival - media end` over the run's last `CLOCK_WINDOW` segments: a report that arrives late (a
+busy host, a burst from the camera) then shifts no segment, and the segments of a run stay exactly
+contiguous (but for the first few of a run, stamped with the smallest offset seen so far). The
+camera's own latency (well under a second on a LAN) is not corrected for; the window follows a
+camera clock that drifts from the host's.
 
 A task on a buffered camera is a range of that ring (`BufferedRecorder`): the segments from the one
 at or before `command time - pre_roll` on, copied to the task's own segment directory on disk and
@@ -51,6 +56,7 @@ from edge_agent.recording import (
 log = logging.getLogger(__name__)
 
 STOP_GRACE_SECONDS = 5.0  # after a stop: the segment holding the stop time must close within its length + this
+CLOCK_WINDOW = 30  # segments (a minute at 2 s) over which a run's media-to-wall-clock offset is taken
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,10 @@ class BufferedSegment:
 class CameraBuffer(Recorder):
     """One camera recorded continuously into a bounded ring of segments (see the module docstring)."""
 
+    # The ring is read only in closed segments and dropped at the next start: neither FFmpeg's flush
+    # per packet nor an fsync per segment buys anything (a buffered task makes its own copies durable).
+    flush_packets = False
+
     def __init__(self, spec: RecordingSpec, seconds: float, max_bytes: int) -> None:
         super().__init__(spec, self._on_event)
         self.name = f"buffer.{spec.camera_id}"
@@ -75,6 +85,8 @@ class CameraBuffer(Recorder):
         self._bytes = 0
         self._run = 0
         self._subscribers: list[queue.SimpleQueue[BufferedSegment]] = []
+        self._offsets: deque[float] = deque(maxlen=CLOCK_WINDOW)  # this run's `arrival - media end`
+        self._last_media_end = -1.0
         self.live = threading.Event()  # media arrived in the last run (cleared when FFmpeg ends)
 
     # -- the buffer's thread ------------------------------------------------------------------------
@@ -115,13 +127,28 @@ class CameraBuffer(Recorder):
                 self.live.set()
             case Interrupted():
                 self.live.clear()
+                self._offsets.clear()
+                self._last_media_end = -1.0
                 with self._lock:
                     self._run += 1
-            case SegmentClosed(path=path, seconds=seconds):
-                self._add(path, seconds)
+            case SegmentClosed(path=path, seconds=seconds, media_end=media_end):
+                self._segment_seconds.pop(path.name, None)  # the recorder's per-segment note: not for a ring
+                self._add(path, seconds, self._wall_end(time.time(), media_end))
 
-    def _add(self, path: Path, seconds: float) -> None:
-        end = time.time()
+    def _make_durable(self, names: list[str]) -> None:
+        """Nothing: see `flush_packets` (and a ring running for months keeps no per-segment state)."""
+
+    def _wall_end(self, arrival: float, media_end: float | None) -> float:
+        """The wall-clock end of a segment FFmpeg reported closed at `arrival` (see the module docstring)."""
+        if media_end is None:
+            return arrival
+        if media_end <= self._last_media_end:  # a new FFmpeg run: its stream time starts again
+            self._offsets.clear()
+        self._last_media_end = media_end
+        self._offsets.append(arrival - media_end)
+        return min(self._offsets) + media_end
+
+    def _add(self, path: Path, seconds: float, end: float) -> None:
         try:
             size = path.stat().st_size
         except OSError:

@@ -1,8 +1,9 @@
-"""Command line: `edge-agent run`, `edge-agent check-config` and `edge-agent ctl`. The one place that wires
-concrete classes.
+"""Command line: `edge-agent run`, `edge-agent check-config`, `edge-agent ctl` and `edge-agent health`. The one
+place that wires concrete classes.
 
-exit codes: run/check-config: 0 ok, 2 invalid configuration; ctl: see `edge-agent ctl --help`
-(0 ok, 1 answered ok:false or task failed, 2 usage/config error, 3 timeout or broker unreachable)."""
+exit codes: run/check-config: 0 ok, 2 invalid configuration; health: 0 healthy, 1 not, 2 no health file;
+ctl: see `edge-agent ctl --help` (0 ok, 1 answered ok:false or task failed, 2 usage/config error, 3 timeout or
+broker unreachable)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from edge_agent import __version__, ctl, durable, ffmpeg, notify, tls
+from edge_agent import __version__, ctl, durable, ffmpeg, health, notify, tls
 from edge_agent.agent import Agent, Event, RemoteSetup, Shutdown
 from edge_agent.config import AgentConfig, StorageConfig
 from edge_agent.configload import load_config, parse_config, read_yaml, secret_values
@@ -148,6 +149,23 @@ def start_watchdog(events: HeartbeatQueue, stopping: threading.Event) -> notify.
     return notify.Watchdog(seconds / 2, alive).start()
 
 
+HEALTH_MAX_BUSY = 30.0  # seconds one event may be in hand before the health file calls the loop stuck
+
+
+def start_health_file(events: HeartbeatQueue, stopping: threading.Event, link: MqttLink) -> health.HealthFile | None:
+    """Keeps `$EDGE_AGENT_HEALTH_FILE` current (loop alive, broker connected) for container health checks."""
+    path = health.health_path()
+    if path is None:
+        return None
+    heartbeat = events.heartbeat or notify.LoopHeartbeat(max_busy=HEALTH_MAX_BUSY)
+    events.heartbeat = heartbeat  # shared with the systemd watchdog when both run
+    main = threading.main_thread()
+    log.info("health file: %s", path)
+    return health.HealthFile(
+        path, lambda: stopping.is_set() or (main.is_alive() and heartbeat.alive()), lambda: link.connected
+    ).start()
+
+
 def run_agent(cfg: AgentConfig, redactor: RedactingFormatter, local_raw: dict[str, Any] | None = None) -> int:
     events = HeartbeatQueue()
     stopping = threading.Event()
@@ -213,6 +231,7 @@ def run_agent(cfg: AgentConfig, redactor: RedactingFormatter, local_raw: dict[st
     link.start()
     started = time.monotonic()
     watchdog = start_watchdog(events, stopping)
+    health_file = start_health_file(events, stopping, link)
     notify.ready()
     notify.status(f"device {cfg.device_id}: {len(cfg.cameras)} camera(s), storage {cfg.storage.type}")
     try:
@@ -227,6 +246,8 @@ def run_agent(cfg: AgentConfig, redactor: RedactingFormatter, local_raw: dict[st
             metrics.stop()
         if watchdog is not None:
             watchdog.stop()
+        if health_file is not None:
+            health_file.stop()
     log.info("edge-agent stopped after %.0f s", time.monotonic() - started)
     return 0
 
@@ -244,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate agent.yaml and exit")
     check.add_argument("--config", type=Path, default=Path("agent.yaml"))
     ctl.add_parser(sub)
+    check_health = sub.add_parser("health", help="exit 0 if the running agent is healthy (its health file)")
+    check_health.add_argument("--file", type=Path, default=None, help=f"default: ${health.ENV_FILE}")
     return parser
 
 
@@ -253,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_check_config(args.config)
     if args.command == "ctl":
         return ctl.run(args)
+    if args.command == "health":
+        return health.main([str(args.file)] if args.file else [])
     try:
         local_raw = read_yaml(args.config)
         cfg = parse_config(copy.deepcopy(local_raw))

@@ -1,17 +1,23 @@
-"""`edge-agent ctl`: send one command to an agent over MQTT and print its reply (and progress).
+"""`edge-agent ctl`: send commands to agents over MQTT and print their replies (and progress).
 
-    edge-agent ctl --config agent.yaml [--device D] start|stop|status|query CAMERA [TASK]
-                   [--wait] [--timeout S] [--json]
-    edge-agent ctl --config agent.yaml watch [--count N]
+    edge-agent ctl [--device D] start|stop|status|query CAMERA [TASK] [--wait] [--timeout S] [--json]
+    edge-agent ctl [--device D] export CAMERA TASK --from ISO --to ISO
+    edge-agent ctl [--device D] snapshot CAMERA [--output FILE]
+    edge-agent ctl --device 'site-a-*' start|stop|status|query CAMERA [TASK]   (every online match)
+    edge-agent ctl --group G start|stop|status [CAMERA] [TASK] [--cameras a,b]
+    edge-agent ctl [--device D] config get | set FILE [--version N] | diff [FILE]
+    edge-agent ctl watch [--count N]
 
 The broker, credentials, TLS, topic prefix and device id come from agent.yaml's `mqtt` section
-(environment overrides apply). The tool is its own MQTT client (`edge-ctl-<random>`, clean
-session), so it never disturbs the agent's persistent session.
+(environment overrides apply; `--config`, default ./agent.yaml). The tool is its own MQTT client
+(`edge-ctl-<random>`, clean session), so it never disturbs the agent's persistent session.
 
 Exit codes (scripts rely on them):
-  0  the command was answered ok (with --wait: the task ended uploaded or completed)
-  1  the command was answered ok:false (with --wait: the task ended failed)
-  2  usage or configuration error
+  0  the command was answered ok (with --wait: the task ended uploaded or completed; several
+     devices: every one answered ok; config set: the device reports the new version)
+  1  answered ok:false (with --wait: the task ended failed); several devices: one failed or did
+     not answer, or none matched; config set: rejected; config diff: there are differences
+  2  usage or configuration error (config set: the document is invalid before it is sent)
   3  timeout: no reply in time, broker unreachable or refused, or --wait-timeout passed
 """
 
@@ -29,132 +35,39 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.config import AgentConfig
 from edge_agent.configload import load_config
+from edge_agent.ctlconn import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+    Conn,
+    CtlError,
+    Msg,
+    decode,
+)
 from edge_agent.errors import ConfigError
-from edge_agent.mqttclient import describe_connect_error, new_client
 from edge_agent.tasks import TERMINAL_OK_STATUSES, TERMINAL_STATUSES
 from edge_agent.topics import Topics
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_TIMEOUT = 3
+_Conn = Conn  # its name before the split into ctlconn.py (tests/test_e2e_acl.py, tests/test_unit_tls.py)
 
 TERMINAL_OK = TERMINAL_OK_STATUSES
 TERMINAL = TERMINAL_STATUSES
 ACTIONS = ("start", "stop", "status", "query")
+GROUP_ACTIONS = ("start", "stop", "status")
+GLOB_CHARS = frozenset("*?[")
 
 EPILOG = """exit codes:
-  0  answered ok (with --wait: the task ended uploaded or completed)
-  1  answered ok:false (with --wait: the task ended failed)
+  0  answered ok (with --wait: the task ended uploaded or completed; several devices: all ok)
+  1  answered ok:false (with --wait: the task ended failed); several devices: one failed, did not
+     answer, or none matched
   2  usage or configuration error
   3  timeout: no reply in time, broker unreachable, or --wait-timeout passed"""
-
-
-class CtlError(Exception):
-    """Ends the command with `code` after printing `message` to stderr."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass(frozen=True)
-class Msg:
-    topic: str
-    payload: bytes
-    correlation: bytes | None
-
-
-class _Conn:
-    """A clean-session paho client whose callbacks only enqueue; the main thread reads `inbox`."""
-
-    def __init__(self, cfg: AgentConfig, connect_timeout: float) -> None:
-        self.cfg = cfg.mqtt
-        self.v5 = self.cfg.protocol == "5"
-        self.client_id = f"edge-ctl-{secrets.token_hex(4)}"
-        self.inbox: queue.Queue[Msg] = queue.Queue()
-        self._acks: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self._subs: list[str] = []
-        try:  # the agent's own login and TLS set-up
-            self.client = new_client(self.cfg, self.client_id, persistent=False, cls=paho.Client)
-        except ConfigError as exc:
-            raise CtlError(EXIT_USAGE, str(exc)) from None
-        self.client.connect_timeout = max(0.5, connect_timeout)
-        self.client.on_connect = self._on_connect
-        self.client.on_message = self._on_message
-        self.client.on_subscribe = self._on_subscribe
-
-    def _on_connect(
-        self, client: paho.Client, userdata: Any, flags: paho.ConnectFlags, reason_code: ReasonCode,
-        properties: Properties | None,
-    ) -> None:  # fmt: skip
-        if reason_code.is_failure:
-            self._acks.put(("refused", str(reason_code)))
-            return
-        for topic in self._subs:  # a clean session forgets subscriptions on reconnect
-            client.subscribe(topic, qos=1)
-        self._acks.put(("connected", None))
-
-    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, codes: Any, props: Any) -> None:
-        self._acks.put(("suback", mid))
-
-    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        props = getattr(msg, "properties", None)
-        corr = getattr(props, "CorrelationData", None) if props is not None else None
-        self.inbox.put(Msg(msg.topic, bytes(msg.payload), corr))
-
-    def _wait_ack(self, kind: str, value: Any, deadline: float) -> None:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise CtlError(EXIT_TIMEOUT, f"timed out waiting for the broker ({kind})")
-            try:
-                got, detail = self._acks.get(timeout=left)
-            except queue.Empty:
-                continue
-            if got == "refused":
-                raise CtlError(EXIT_TIMEOUT, f"broker refused the connection: {detail}")
-            if got == kind and (value is None or detail == value):
-                return
-
-    def connect(self, deadline: float) -> None:
-        errors = []
-        for host, port in self.cfg.endpoints():  # the first node of a cluster that answers
-            try:
-                self.client.connect(
-                    host, port, keepalive=self.cfg.keepalive,
-                    clean_start=True if self.v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
-                )  # fmt: skip
-                break
-            except OSError as exc:  # incl. ssl errors: the same one-line causes as the agent logs
-                errors.append(describe_connect_error(exc, host, port))
-            except ValueError as exc:
-                errors.append(f"{host}:{port}: {exc}")
-        else:
-            raise CtlError(EXIT_TIMEOUT, "cannot reach the broker: " + "; ".join(errors))
-        self.client.loop_start()
-        self._wait_ack("connected", None, deadline)
-
-    def subscribe(self, topic: str, deadline: float) -> None:
-        self._subs.append(topic)
-        _, mid = self.client.subscribe(topic, qos=1)
-        self._wait_ack("suback", mid, deadline)
-
-    def publish(self, topic: str, payload: bytes, props: Properties | None) -> None:
-        self.client.publish(topic, payload, qos=1, properties=props)
-
-    def close(self) -> None:
-        try:
-            self.client.disconnect()
-        finally:
-            self.client.loop_stop()
 
 
 # ------------------------------------------------------------------------------------ output
@@ -170,7 +83,7 @@ def human_line(doc: dict[str, Any]) -> str:
     if doc.get("ok") is False:
         extras.append("ok: false")
     for key in ("error", "running_task", "stop_reason", "duration_seconds", "object_name", "local_file",
-                "last_upload_error", "next_retry_at"):  # fmt: skip
+                "last_upload_error", "next_retry_at", "frame_time", "bytes"):  # fmt: skip
         if doc.get(key) not in (None, ""):
             extras.append(f"{key}: {doc[key]}")
     return f"{line} ({', '.join(extras)})" if extras else line
@@ -180,14 +93,6 @@ def emit(doc: dict[str, Any], as_json: bool) -> None:
     print(json.dumps(doc, ensure_ascii=False) if as_json else human_line(doc), flush=True)
 
 
-def _decode(payload: bytes) -> dict[str, Any] | None:
-    try:
-        doc = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
 # ---------------------------------------------------------------------------------- commands
 
 
@@ -195,40 +100,83 @@ def generate_task_name() -> str:
     return f"ctl-{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(2)}"
 
 
-def _command(args: argparse.Namespace, cfg: AgentConfig, topics: Topics) -> int:
-    camera: str = args.camera
-    task: str | None = args.task
-    if args.action in ("stop", "query") and not task:
-        raise CtlError(EXIT_USAGE, f"{args.action} needs a TASK name")
-    if args.action == "start" and not task:
-        task = generate_task_name()
-    cmd: dict[str, Any] = {"action": args.action, "request_id": f"ctl-{uuid.uuid4().hex}"}
-    if task and args.action != "status":
+def new_request_id() -> str:
+    return f"ctl-{uuid.uuid4().hex}"
+
+
+def command_payload(args: argparse.Namespace, task: str | None) -> dict[str, Any]:
+    """The JSON command for `args.action` (without request_id: each device gets its own)."""
+    cmd: dict[str, Any] = {"action": args.action}
+    if task and args.action not in ("status", "snapshot"):
         cmd["task_name"] = task
     if args.action == "start" and args.max_seconds is not None:
         cmd["max_seconds"] = args.max_seconds
+    if args.action == "export":
+        cmd["from"], cmd["to"] = args.range_from.isoformat(), args.range_to.isoformat()
+    return cmd
+
+
+@dataclass(frozen=True)
+class Request:
+    """One command to one camera of one device: where it goes and where its reply can come from
+    (the camera's reply topic, matched by request_id; with MQTT 5 also ctl's own inbox under
+    `P/D/_ctl/<client>/reply`, matched by correlation data)."""
+
+    camera: str
+    cmd: dict[str, Any]
+    command_topic: str
+    reply_topic: str
+    inbox: str | None
+
+    @classmethod
+    def to(cls, conn: Conn, topics: Topics, camera: str, cmd: dict[str, Any]) -> Request:
+        inbox = topics.ctl_inbox(conn.client_id) if conn.v5 else None
+        return cls(camera, {**cmd, "request_id": new_request_id()}, topics.command(camera), topics.reply(camera),
+                   inbox)  # fmt: skip
+
+    @property
+    def request_id(self) -> str:
+        return str(self.cmd["request_id"])
+
+    @property
+    def subscriptions(self) -> list[str]:
+        return [self.reply_topic] + ([self.inbox] if self.inbox else [])
+
+    def send(self, conn: Conn) -> None:
+        """Publish (subscribe to `subscriptions` first, so the reply cannot be missed)."""
+        props = None
+        if self.inbox is not None:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.ResponseTopic = self.inbox
+            props.CorrelationData = self.request_id.encode()
+        conn.publish(self.command_topic, json.dumps(self.cmd).encode(), props)
+
+    def answered_by(self, msg: Msg, doc: dict[str, Any]) -> bool:
+        if self.inbox is not None and msg.topic == self.inbox:
+            return msg.correlation == self.request_id.encode()
+        return msg.topic == self.reply_topic and doc.get("request_id") == self.request_id
+
+
+def _command(args: argparse.Namespace, cfg: AgentConfig, topics: Topics) -> int:
+    camera: str = args.camera
+    task: str | None = args.task
+    if args.action == "start" and not task:
+        task = generate_task_name()
     deadline = time.monotonic() + args.timeout
-    conn = _Conn(cfg, args.timeout)
+    conn = Conn(cfg, args.timeout)
     try:
         conn.connect(deadline)
-        conn.subscribe(topics.reply(camera), deadline)
-        props = None
-        inbox = None
-        corr = cmd["request_id"].encode()
-        if conn.v5:
-            inbox = topics.ctl_inbox(conn.client_id)
-            conn.subscribe(inbox, deadline)
-            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            props.ResponseTopic = inbox
-            props.CorrelationData = corr
+        req = Request.to(conn, topics, camera, command_payload(args, task))
         task_topic = None
         if args.wait and task:  # subscribe first, so no status change between reply and subscribe is lost
             task_topic = topics.task(camera, task)
-            conn.subscribe(task_topic, deadline)
-        conn.publish(topics.command(camera), json.dumps(cmd).encode(), props)
+        snap_topic = topics.snapshot(camera) if getattr(args, "output", None) else None
+        conn.subscribe_many([t for t in (*req.subscriptions, task_topic, snap_topic) if t], deadline)
+        req.send(conn)
 
         reply = None
         pending: list[dict[str, Any]] = []
+        images: list[Msg] = []
         while reply is None:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -237,18 +185,21 @@ def _command(args: argparse.Namespace, cfg: AgentConfig, topics: Topics) -> int:
                 msg = conn.inbox.get(timeout=left)
             except queue.Empty:
                 continue
-            doc = _decode(msg.payload)
+            if msg.topic == snap_topic:
+                images.append(msg)
+                continue
+            doc = decode(msg.payload)
             if doc is None:
                 continue
             if msg.topic == task_topic:
                 pending.append(doc)
-            elif (msg.topic == inbox and msg.correlation == corr) or (
-                msg.topic == topics.reply(camera) and doc.get("request_id") == cmd["request_id"]
-            ):
+            elif req.answered_by(msg, doc):
                 reply = doc
         emit(reply, args.json)
         if reply.get("ok") is not True:
             return EXIT_FAILED
+        if snap_topic is not None:
+            _save_snapshot(conn, snap_topic, images, reply, args.output, deadline)
         if not args.wait or not reply.get("task_name"):
             return EXIT_OK
         return _follow(conn, args, topics, camera, reply, pending, task_topic)
@@ -256,8 +207,35 @@ def _command(args: argparse.Namespace, cfg: AgentConfig, topics: Topics) -> int:
         conn.close()
 
 
+def _save_snapshot(conn: Conn, topic: str, images: list[Msg], reply: dict[str, Any], output: Path,
+                   deadline: float) -> None:  # fmt: skip
+    """Write the JPEG the snapshot command published (the live message on the retained topic, not
+    the older retained one delivered at subscribe time) to `output`."""
+    size = reply.get("bytes")
+
+    def fresh(m: Msg) -> bool:
+        return not m.retain and (not isinstance(size, int) or len(m.payload) == size)
+
+    while not any(fresh(m) for m in images):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise CtlError(EXIT_TIMEOUT, f"the snapshot was answered but its image never arrived on {topic}")
+        try:
+            msg = conn.inbox.get(timeout=left)
+        except queue.Empty:
+            continue
+        if msg.topic == topic:
+            images.append(msg)
+    jpeg = next(m for m in reversed(images) if fresh(m)).payload
+    try:
+        output.write_bytes(jpeg)
+    except OSError as exc:
+        raise CtlError(EXIT_FAILED, f"cannot write {output}: {exc.strerror}") from None
+    print(f"wrote {len(jpeg)} bytes to {output}", file=sys.stderr, flush=True)
+
+
 def _follow(
-    conn: _Conn, args: argparse.Namespace, topics: Topics, camera: str, reply: dict[str, Any],
+    conn: Conn, args: argparse.Namespace, topics: Topics, camera: str, reply: dict[str, Any],
     pending: list[dict[str, Any]], task_topic: str | None,
 ) -> int:  # fmt: skip
     """Print one line per status change of the replied task's run until it is terminal."""
@@ -289,14 +267,14 @@ def _follow(
         except queue.Empty:
             continue
         if msg.topic == task_topic:
-            new = _decode(msg.payload)
+            new = decode(msg.payload)
             if new is not None:
                 pending.append(new)
 
 
 def _watch(args: argparse.Namespace, cfg: AgentConfig, topics: Topics) -> int:
     deadline = time.monotonic() + args.timeout
-    conn = _Conn(cfg, args.timeout)
+    conn = Conn(cfg, args.timeout)
     try:
         conn.connect(deadline)
         conn.subscribe(f"{topics.base}/+/status", deadline)
@@ -306,7 +284,7 @@ def _watch(args: argparse.Namespace, cfg: AgentConfig, topics: Topics) -> int:
                 msg = conn.inbox.get(timeout=1.0)
             except queue.Empty:
                 continue
-            doc = _decode(msg.payload)
+            doc = decode(msg.payload)
             if doc is None:
                 continue
             doc.setdefault("camera_id", msg.topic.split("/")[-2])
@@ -317,16 +295,62 @@ def _watch(args: argparse.Namespace, cfg: AgentConfig, topics: Topics) -> int:
         conn.close()
 
 
+def is_pattern(device: str | None) -> bool:
+    """A `--device` holding `*`, `?` or `[` is a glob over the online devices (device ids never hold them)."""
+    return device is not None and any(c in GLOB_CHARS for c in device)
+
+
+def usage_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with a combination of arguments argparse alone cannot check, or None."""
+    action = args.action
+    wait = getattr(args, "wait", False)
+    camera, task = getattr(args, "camera", None), getattr(args, "task", None)
+    cameras = getattr(args, "cameras", None)
+    if args.group is not None:
+        if args.device is not None:
+            return "--group and --device exclude each other"
+        if action not in GROUP_ACTIONS:
+            return f"--group works with {', '.join(GROUP_ACTIONS)}, not {action}"
+        if wait:
+            return "--wait follows one task of one device, not a group"
+        if cameras and camera:
+            return "name the cameras either as CAMERA or with --cameras, not both"
+        return None
+    if cameras:
+        return "--cameras is for --group; otherwise name one CAMERA"
+    if is_pattern(args.device):
+        if action not in ACTIONS:
+            return f"a --device pattern works with {', '.join(ACTIONS)}, not {action} (give one device NAME)"
+        if wait:
+            return "--wait follows one task of one device, not a --device pattern"
+    if action in (*ACTIONS, "export", "snapshot") and not camera:
+        return f"{action} needs a CAMERA" + (" (or --group G)" if action in GROUP_ACTIONS else "")
+    if action in ("stop", "query", "export") and not task:
+        return f"{action} needs a TASK name"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of `edge-agent ctl` (parsed by `add_parser`)."""
+    problem = usage_problem(args)
+    if problem is not None:
+        args.usage_error(problem)  # argparse: prints the usage and the problem, exits 2
+        return EXIT_USAGE
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
         print(f"{args.config}: invalid configuration:\n{exc}", file=sys.stderr)
         return EXIT_USAGE
-    device = args.device or cfg.device_id
-    topics = Topics.of(cfg, device)
+    from edge_agent import configctl, fleetctl  # they build on this module
+
     try:
+        if args.action == "config":
+            return configctl.run(args, cfg)
+        if args.group is not None:
+            return fleetctl.run_group(args, cfg)
+        if is_pattern(args.device):
+            return fleetctl.run_pattern(args, cfg)
+        topics = Topics.of(cfg, args.device)
         if args.action == "watch":
             return _watch(args, cfg, topics)
         return _command(args, cfg, topics)
@@ -344,6 +368,23 @@ def _positive(text: str) -> float:
     return value
 
 
+def _utc_time(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError("give the zone, e.g. 2026-12-06T16:00:00Z")
+    return value.astimezone(UTC)
+
+
+def _camera_list(text: str) -> list[str]:
+    cameras = [c.strip() for c in text.split(",") if c.strip()]
+    if not cameras:
+        raise argparse.ArgumentTypeError("name at least one camera: a,b")
+    return cameras
+
+
 def _common(p: argparse.ArgumentParser, suppress: bool) -> None:
     """Options accepted before and after the action (`ctl --json status cam1` = `ctl status cam1 --json`)."""
 
@@ -351,40 +392,80 @@ def _common(p: argparse.ArgumentParser, suppress: bool) -> None:
         return argparse.SUPPRESS if suppress else value
 
     p.add_argument("--config", type=Path, default=d(Path("agent.yaml")), help="agent.yaml (default: agent.yaml)")
-    p.add_argument("--device", default=d(None), help="device id (default: agent.yaml's device_id)")
+    p.add_argument("--device", default=d(None), metavar="DEVICE",
+                   help="device id (default: agent.yaml's device_id); with * ? [ a pattern: every device whose "
+                   "retained P/<device>/status is online and matches")  # fmt: skip
+    p.add_argument("--group", default=d(None), metavar="G",
+                   help="send start/stop/status once on P/groups/G/cmd; every member answers")  # fmt: skip
     p.add_argument("--timeout", type=_positive, default=d(10.0),
-                   help="seconds to wait for the broker and the reply (default: 10)")  # fmt: skip
+                   help="seconds to wait for the broker and the replies (default: 10)")  # fmt: skip
     p.add_argument("--json", action="store_true", default=d(False), help="print JSON lines instead of text")
+
+
+def _leaf(actions: Any, name: str, help: str, description: str | None = None,
+          epilog: str = EPILOG) -> argparse.ArgumentParser:  # fmt: skip
+    p: argparse.ArgumentParser = actions.add_parser(
+        name, help=help, description=description or help, epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.set_defaults(usage_error=p.error)
+    return p
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Adds `ctl` to the `edge-agent` subcommands."""
     fmt = argparse.RawDescriptionHelpFormatter
     ctl: argparse.ArgumentParser = sub.add_parser(
-        "ctl", help="send a command to an agent over MQTT", description="\n\n".join(__doc__.split("\n\n")[:2]),
+        "ctl", help="send commands to agents over MQTT", description="\n\n".join(__doc__.split("\n\n")[:2]),
         epilog=EPILOG, formatter_class=fmt,
     )  # fmt: skip
     _common(ctl, suppress=False)
     actions = ctl.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action in ACTIONS:
-        p = actions.add_parser(action, help=f"send a {action} command", epilog=EPILOG, formatter_class=fmt)
-        p.add_argument("camera", metavar="CAMERA")
+        grouped = action in GROUP_ACTIONS
+        p = _leaf(actions, action, f"send a {action} command" + (" (to a device, a --device pattern or a --group)"
+                  if grouped else " (to a device or a --device pattern)"))  # fmt: skip
+        p.add_argument("camera", metavar="CAMERA", nargs="?" if grouped else None,
+                       help="camera id" + ("; with --group optional, a,b for several (default: all cameras)"
+                                           if grouped else ""))  # fmt: skip
         if action == "status":
             p.set_defaults(task=None)
         else:
-            p.add_argument("task", metavar="TASK", nargs="?" if action == "start" else None,
+            p.add_argument("task", metavar="TASK", nargs="?" if grouped else None,
                            help="task name" + (" (generated when left out)" if action == "start" else ""))  # fmt: skip
         if action == "start":
             p.add_argument("--max-seconds", type=int, default=None, help="lower this task's length limit")
         else:
             p.set_defaults(max_seconds=None)
+        if grouped:
+            p.add_argument("--cameras", type=_camera_list, default=None, metavar="A,B",
+                           help="with --group: only these cameras of each member (default: all)")  # fmt: skip
         p.add_argument("--wait", action="store_true",
-                       help="follow the task's status until uploaded, completed or failed")  # fmt: skip
+                       help="follow the task's status until uploaded, completed or failed (one device)")  # fmt: skip
         p.add_argument("--wait-timeout", type=_positive, default=None,
                        help="with --wait: give up (exit 3) after this many seconds (default: no limit)")  # fmt: skip
         _common(p, suppress=True)
-    w = actions.add_parser("watch", help="print every camera's status as it changes, until Ctrl-C",
-                           epilog=EPILOG, formatter_class=fmt)  # fmt: skip
+    e = _leaf(actions, "export", "cut FROM..TO of a camera's ring buffer into a recording named TASK (uploaded "
+              "like any other)")  # fmt: skip
+    e.add_argument("camera", metavar="CAMERA")
+    e.add_argument("task", metavar="TASK", help="name of the exported recording")
+    e.add_argument("--from", dest="range_from", type=_utc_time, required=True, metavar="ISO",
+                   help="UTC start, e.g. 2026-12-06T16:00:00Z")  # fmt: skip
+    e.add_argument("--to", dest="range_to", type=_utc_time, required=True, metavar="ISO", help="UTC end")
+    e.add_argument("--wait", action="store_true", help="follow the export until uploaded, completed or failed")
+    e.add_argument("--wait-timeout", type=_positive, default=None,
+                   help="with --wait: give up (exit 3) after this many seconds (default: no limit)")  # fmt: skip
+    e.set_defaults(max_seconds=None)
+    _common(e, suppress=True)
+    s = _leaf(actions, "snapshot", "take a JPEG of a recent frame (published retained on P/D/C/snapshot)")
+    s.add_argument("camera", metavar="CAMERA")
+    s.add_argument("--output", type=Path, default=None, metavar="FILE", help="also save the JPEG to FILE")
+    s.set_defaults(task=None, max_seconds=None, wait=False)
+    _common(s, suppress=True)
+    w = _leaf(actions, "watch", "print every camera's status as it changes, until Ctrl-C")
     w.add_argument("--count", type=int, default=None, help="exit 0 after this many status messages")
     _common(w, suppress=True)
+    from edge_agent import configctl
+
+    configctl.add_parser(actions, _leaf, _common)
     return ctl

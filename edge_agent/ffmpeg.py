@@ -29,6 +29,9 @@ SEGMENT_SUFFIXES = (".mp4", ".ts")
 # Fragments carry their sample offsets from their own moof (default_base_moof), so the join can move
 # them between files unchanged.
 FRAGMENTED_MP4_OPTIONS = "movflags=+frag_keyframe+empty_moov+default_base_moof:frag_duration=1000000:flush_packets=1"
+# A ring buffer's segments are read only once FFmpeg has closed them (and the ring is dropped at the
+# next start anyway): no flush per packet, which was a third of the ring FFmpeg's CPU over a bare copy.
+RING_MP4_OPTIONS = FRAGMENTED_MP4_OPTIONS.removesuffix(":flush_packets=1")
 # pix_fmts that every browser's H.264 decoder plays (yuvj420p is full-range yuv420p).
 BROWSER_PIX_FMTS = frozenset({"yuv420p", "yuvj420p"})
 
@@ -150,8 +153,10 @@ def record_argv(
     preset: str = "veryfast",
     stats_period_s: float = 2.0,
     segment_list_fd: int | None = None,
+    flush_packets: bool = True,
 ) -> list[str]:
-    """Record a camera into fragmented-MP4 segments: a kill loses at most the fragment being written.
+    """Record a camera into fragmented-MP4 segments: a kill loses at most the fragment being written
+    (with `flush_packets`; without, what FFmpeg has not written out yet: a ring buffer's choice).
 
     `-progress pipe:1` gives machine-readable `frame=` lines on stdout, the signal that media is
     really arriving. Every fragment is complete on disk once written, and the segments join into one
@@ -175,7 +180,7 @@ def record_argv(
         "-progress", "pipe:1", "-stats_period", f"{stats_period_s:g}", *stream.input_options(),
         "-map", "0:v:0", "-an", "-sn", "-dn", *video,
         "-f", "segment", "-segment_time", str(segment_seconds), "-segment_format", "mp4",
-        "-segment_format_options", FRAGMENTED_MP4_OPTIONS,
+        "-segment_format_options", FRAGMENTED_MP4_OPTIONS if flush_packets else RING_MP4_OPTIONS,
         "-segment_start_number", str(start_number), "-reset_timestamps", "0", *seg_list,
         str(segment_dir / SEGMENT_PATTERN),
     ]  # fmt: skip
@@ -274,10 +279,17 @@ def last_frame_count(progress: bytes) -> int | None:
 
 def parse_segment_line(line: str) -> tuple[str, float] | None:
     """`seg_000003.mp4,6.000000,8.000000` -> ("seg_000003.mp4", 2.0); None for anything else."""
+    times = parse_segment_times(line)
+    return None if times is None else (times[0], max(0.0, times[2] - times[1]))
+
+
+def parse_segment_times(line: str) -> tuple[str, float, float] | None:
+    """`seg_000003.mp4,6.000000,8.000000` -> ("seg_000003.mp4", 6.0, 8.0): the segment's start and end
+    in the stream time of its FFmpeg run; None for anything else."""
     parts = line.strip().rsplit(",", 2)
     if len(parts) != 3:
         return None
     try:
-        return parts[0], max(0.0, float(parts[2]) - float(parts[1]))
+        return parts[0], float(parts[1]), float(parts[2])
     except ValueError:
         return None

@@ -42,6 +42,7 @@ class UploadSubmitter(Protocol):
                created: float, attempts_before: int = 0, upload_id: str | None = None) -> None: ...  # fmt: skip
     def stop(self, timeout: float) -> None: ...
     def presign(self, object_name: str) -> str: ...
+    def put_bytes(self, object_name: str, data: bytes, content_type: str) -> None: ...
     def sweep(self, prefix: str, keep: set[str]) -> None: ...
     def set_paused(self, paused: bool) -> None: ...
 
@@ -255,6 +256,21 @@ class Lifecycle:
             return
         self.uploads.submit(task.task_id, path, task.object_name, task.sha256, task.size_bytes,
                             task.started.timestamp(), task.upload_attempts or 0, task.upload_id)  # fmt: skip
+
+    def requeue_uploads(self) -> int:
+        """The object store changed (`storage` reconfigured): every task waiting to upload goes to the new
+        one from the start (a multipart upload id of the old store means nothing there); with no store
+        any more, the local file is the recording (`completed`)."""
+        waiting = [t for t in self.book.in_flight() if t.status in UPLOAD_STATUSES]
+        for task in waiting:
+            if self.uploads is None:
+                self.book.land(task.task_id)
+                self.update(task, status=Status.COMPLETED, next_retry_at=None, upload_id=None)
+                self.book.release(task)
+            else:
+                self.update(task, upload_id=None, bytes_uploaded=None, next_retry_at=None)
+                self.queue_upload(task, resuming=True)
+        return len(waiting)
 
     def upload_event(self, event: UploadEvent) -> None:
         match event:

@@ -35,7 +35,6 @@ class Managed(Protocol):
     cfg: AgentConfig
 
     def busy_cameras(self) -> dict[str, str]: ...  # camera -> the task keeping it busy
-    def uploads_in_flight(self) -> int: ...
     def reconfigure(self, cfg: AgentConfig) -> None: ...
     def camera_command(self, camera: str, cmd: Command) -> tuple[dict[str, Any], bool]: ...
     def running_task(self, camera: str) -> str | None: ...
@@ -138,7 +137,7 @@ class Management:
     def converge(self, force_report: bool = False) -> None:
         """Apply as much of the target as can run now; what waits is retried after later events."""
         agent = self._agent
-        plan = remoteconfig.plan(agent.cfg, self.target, agent.busy_cameras(), agent.uploads_in_flight())
+        plan = remoteconfig.plan(agent.cfg, self.target, agent.busy_cameras())
         changed = plan.effective != agent.cfg
         if changed:
             agent.reconfigure(plan.effective)

@@ -16,6 +16,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictFloat,
     StrictInt,
     StrictStr,
@@ -49,6 +50,7 @@ class Command(BaseModel):
     # export: the UTC range to cut from the camera's ring buffer ("from" is a Python keyword)
     range_from: datetime | None = Field(None, alias="from")
     range_to: datetime | None = Field(None, alias="to")
+    upload: StrictBool | None = None  # snapshot: also keep the JPEG in storage (object store or disk)
 
     @field_validator("range_from", "range_to")
     @classmethod
@@ -183,6 +185,8 @@ def decode_command(payload: bytes, max_bytes: int) -> Decoded:
             return Decoded(None, rid, "export: to must be after from")
     elif cmd.range_from is not None or cmd.range_to is not None:
         return Decoded(None, rid, f"from/to are for export, not {cmd.action}")
+    if cmd.upload is not None and cmd.action != "snapshot":
+        return Decoded(None, rid, f"upload is for snapshot, not {cmd.action}")
     if cmd.action in ("start", "stop", "query", "export") and cmd.task_name is None:
         return Decoded(None, rid, f"action {cmd.action!r} needs a task_name")
     if cmd.task_name is not None:

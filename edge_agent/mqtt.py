@@ -375,7 +375,9 @@ class MqttLink:
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         camera_id = self._topics.camera_of_command(msg.topic)
         if camera_id is None:
-            if msg.topic in self._extra:
+            # Extra topics (HA's birth, the desired configuration, group commands) count against the
+            # same bound as commands: a flood on a group topic must not grow the agent's queue.
+            if msg.topic in self._extra and (self._gate is None or self._gate.admit()):
                 self._post(MessageReceived(msg.topic, bytes(msg.payload)))
             return
         if self._gate is not None and not self._gate.admit():

@@ -54,6 +54,8 @@ FINALISE_SLOTS = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
 class Recorder(threading.Thread):
     """Records one task until asked to stop, then finalises it; or only finalises (recovery)."""
 
+    flush_packets = True  # FFmpeg writes out every packet (a kill loses at most the fragment in progress)
+
     def __init__(
         self, spec: RecordingSpec, post: Callable[[RecorderEvent], None], *, finalise_only: bool = False
     ) -> None:
@@ -158,7 +160,7 @@ class Recorder(threading.Thread):
         argv = ffmpeg.record_argv(
             spec.ffmpeg, spec.stream, spec.segment_dir, mode=mode, segment_seconds=spec.segment_seconds,
             start_number=self._next_segment_number(), preset=spec.preset, stats_period_s=spec.stats_period,
-            segment_list_fd=seg_w,
+            segment_list_fd=seg_w, flush_packets=self.flush_packets,
         )  # fmt: skip
         try:
             try:
@@ -270,11 +272,12 @@ class Recorder(threading.Thread):
                     for raw in complete.split(b"\n") if complete else ():
                         line = raw.decode("utf-8", "replace")
                         if key.data == "segments":
-                            seg = ffmpeg.parse_segment_line(line)
+                            seg = ffmpeg.parse_segment_times(line)
                             if seg is not None:
-                                self._segment_seconds[seg[0]] = seg[1]
-                                self._make_durable([seg[0]])
-                                self._post(SegmentClosed(spec.task_id, spec.segment_dir / seg[0], seg[1]))
+                                name, seconds = seg[0], max(0.0, seg[2] - seg[1])
+                                self._segment_seconds[name] = seconds
+                                self._make_durable([name])
+                                self._post(SegmentClosed(spec.task_id, spec.segment_dir / name, seconds, seg[2]))
                         elif line.strip():
                             self._stderr_tail.append(self._redact(line.strip())[:300])
         try:

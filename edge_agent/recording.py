@@ -29,6 +29,7 @@ class SegmentClosed:
     task_id: str
     path: Path
     seconds: float
+    media_end: float | None = None  # its end in the stream time of its FFmpeg run, when FFmpeg said
 
 
 @dataclass(frozen=True)
@@ -64,12 +65,15 @@ class MediaRange:
 
 @dataclass(frozen=True)
 class SnapshotTaken:
-    """A snapshot grab ended: the JPEG and the time of its frame (epoch seconds), or why not."""
+    """A snapshot grab ended: the JPEG and the time of its frame (epoch seconds), or why not; when
+    it was to be kept (`upload`), where it is (reply fields) or why it is not."""
 
     camera_id: str
     jpeg: bytes = field(repr=False)
     frame_time: float
     error: str | None = None
+    stored: dict[str, str] | None = None
+    store_error: str | None = None
 
 
 RecorderEvent = MediaRange | Probed | MediaStarted | SegmentClosed | Interrupted | RecordingFinished | RecordingFailed

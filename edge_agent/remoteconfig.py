@@ -153,12 +153,20 @@ def _problems(text: str) -> list[Problem]:
     return out or [Problem("(document)", "invalid")]
 
 
-def redacted(cfg: AgentConfig) -> dict[str, Any]:
-    """The managed keys of `cfg` as JSON, every secret masked (camera URLs keep their host)."""
-    doc = cfg.model_dump(mode="json", include=set(MANAGED_KEYS))
+def redacted(cfg: AgentConfig, full: bool = False) -> dict[str, Any]:
+    """The managed keys of `cfg` as JSON, every secret masked (camera URLs keep their host).
+
+    Values equal to their defaults are left out unless `full`: `reported` says what is set, and
+    stays small enough for brokers with a small packet limit. Local-only paths are left out."""
+    doc = cfg.model_dump(mode="json", include=set(MANAGED_KEYS), exclude_defaults=not full)
     for cam_id, cam in cfg.cameras.items():
         url = cam.url.get_secret_value()
-        doc["cameras"][cam_id]["url"] = redact.redact(url, tuple(redact.url_secrets(url)))
+        doc.setdefault("cameras", {}).setdefault(cam_id, {})["url"] = redact.redact(url, tuple(redact.url_secrets(url)))
+        doc["cameras"][cam_id].pop("buffer_dir", None)
+    for path in LOCAL_ONLY:  # the device's own (output_dir, FFmpeg paths): not the operator's to see or set
+        section, key = path.split(".")
+        if isinstance(doc.get(section), dict):
+            doc[section].pop(key, None)
     out: dict[str, Any] = _finite(doc)
     return out
 
@@ -189,9 +197,10 @@ class Plan:
         return not self.pending
 
 
-def plan(current: AgentConfig, target: AgentConfig, busy_cameras: dict[str, str], uploads_in_flight: int) -> Plan:
+def plan(current: AgentConfig, target: AgentConfig, busy_cameras: dict[str, str]) -> Plan:
     """Apply everything except a change to a camera that is recording (`busy_cameras`: camera ->
-    its task name) and a storage change while uploads for the old store are in flight."""
+    its task name). A storage change applies at once: waiting uploads move to the new store (an
+    operator fixing the credentials of an unreachable store must not wait for it to drain)."""
     cameras = dict(target.cameras)
     pending: list[Problem] = []
     for cam_id, task_name in sorted(busy_cameras.items()):
@@ -206,12 +215,7 @@ def plan(current: AgentConfig, target: AgentConfig, busy_cameras: dict[str, str]
             cameras[cam_id] = old
             why = f"changed; task {task_name} is recording, applied when it ends"
         pending.append(Problem(f"cameras.{cam_id}", why))
-    storage = target.storage
-    if target.storage != current.storage and uploads_in_flight:
-        storage = current.storage
-        pending.append(Problem("storage", f"{uploads_in_flight} task(s) still to upload to the old store; "
-                                          "applied when they are done"))  # fmt: skip
     if not pending:
         return Plan(target)
-    effective = target.model_copy(update={"cameras": cameras, "storage": storage})
+    effective = target.model_copy(update={"cameras": cameras})
     return Plan(effective, pending)

@@ -414,6 +414,13 @@ class MinioStore:
                 f"verification failed: stored {stat.size} bytes sha256={remote}, expected {job.size} bytes"
             )
 
+    def put_bytes(self, object_name: str, data: bytes, content_type: str) -> None:
+        """One small object (a snapshot) in a single PUT, with its sha256 as for recordings; raises
+        what the client raises (`classify` tells transient from permanent)."""
+        self._ensure_bucket()
+        headers = {"Content-Type": content_type, f"x-amz-meta-{CHECKSUM_META}": hashlib.sha256(data).hexdigest()}
+        self._client._put_object(self._cfg.bucket, object_name, data, headers=dict(headers))
+
     def presign(self, object_name: str) -> str:
         return str(
             self._client.presigned_get_object(

@@ -30,7 +30,7 @@ from tenacity import (
 )
 
 from edge_agent.config import StorageConfig
-from edge_agent.errors import PermanentUploadError, TransientUploadError
+from edge_agent.errors import PermanentUploadError, TransientUploadError, UploadError
 from edge_agent.events import (  # re-exported: the workers' events
     UploadAttempt,
     UploadEvent,
@@ -56,6 +56,7 @@ class ObjectStore(Protocol):
     def put(self, job: UploadJob, stop: threading.Event, state: UploadState,
             progress: Callable[[UploadState], None]) -> None: ...  # fmt: skip
     def presign(self, object_name: str) -> str: ...
+    def put_bytes(self, object_name: str, data: bytes, content_type: str) -> None: ...
     def abort(self, object_name: str, upload_id: str) -> None: ...
     def set_paused(self, paused: bool) -> None: ...
     def sweep(self, prefix: str, keep: set[str]) -> int: ...
@@ -130,6 +131,18 @@ class UploadPool:
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
+
+    def put_bytes(self, object_name: str, data: bytes, content_type: str) -> None:
+        """Store a small object (a snapshot) now, on the caller's thread, in one attempt: no queue, no
+        journal, no retry. UploadError naming the problem (also while uploads are paused)."""
+        if self.paused:
+            raise PermanentUploadError("uploads are paused (resume_uploads)")
+        try:
+            self._store.put_bytes(object_name, data, content_type)
+        except UploadError:
+            raise
+        except Exception as exc:
+            raise classify(exc) from exc
 
     def presign(self, object_name: str) -> str:
         """A fresh presigned GET URL (local computation: the region is configured), '' on failure."""

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything the agent, its demo and its tests need on a fresh Debian 12 machine:
-# Debian packages (FFmpeg, Mosquitto, GStreamer RTSP server for the camera simulator) and a
+# Debian packages (FFmpeg, Mosquitto, GStreamer RTSP server for the camera simulator, Docker) and a
 # project virtualenv in .venv with the package, its dev tools and the SeaweedFS S3 server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +11,7 @@ APT_PACKAGES=(
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly
   systemd   # systemd-analyze verify of deploy/systemd/edge-agent.service (tests/test_deploy.py)
   fuse3     # fusermount3 + libfuse3 for the power-cut file system (tests/powercutfs.py)
+  docker.io mmdebstrap  # tests/test_docker.py: the engine (started by the tests) and a local base image
 )
 # Node.js/npm only for the Node-RED integration test (scripts/install-node-red.sh); keep a newer one if present.
 command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(nodejs npm)

@@ -6,7 +6,9 @@ the log tail of every part it used (``request.node.rep_call`` etc. are set for f
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 import uuid
 from collections.abc import Callable, Generator, Iterator, Mapping
 from pathlib import Path
@@ -24,6 +26,7 @@ from parts import (
     SeaweedS3,
     tail,
 )
+from parts.docker import DockerPrep
 
 CAMERA_MOUNTS = ("cam1", "cam2", "cam3", "cam4")
 
@@ -55,6 +58,39 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
                     (f"log tail: {type(part).__name__} ({log_path})", tail(Path(log_path), 60) or "(empty)")
                 )
     return report
+
+
+# ------------------------------------------------------------------------------ Docker image
+
+DOCKER_TESTS = "test_docker.py"
+_DOCKER_PREP: list[DockerPrep] = []
+
+
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """When Docker tests are selected: they run last, and their image (engine, base image, build: 2-3
+    minutes) is made in a background thread from now on, so it overlaps the rest of the suite."""
+    docker_items = [item for item in items if item.path.name == DOCKER_TESTS]
+    if not docker_items or config.option.collectonly:
+        return
+    items[:] = [item for item in items if item.path.name != DOCKER_TESTS] + docker_items
+    factory = getattr(config, "_tmp_path_factory", None)
+    workdir = factory.mktemp("docker") if factory is not None else Path(tempfile.mkdtemp(prefix="edge-docker-"))
+    if os.geteuid() == 0 or os.access("/var/run/docker.sock", os.W_OK):
+        _DOCKER_PREP.append(DockerPrep(workdir).start())
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    while _DOCKER_PREP:
+        _DOCKER_PREP.pop().cleanup()
+
+
+@pytest.fixture(scope="session")
+def docker_prep() -> DockerPrep:
+    """The background preparation started after collection: ``.wait()`` gives the image tag."""
+    if not _DOCKER_PREP:
+        pytest.skip("Docker tests need root (to start dockerd) or access to a running engine")
+    return _DOCKER_PREP[0]
 
 
 # ------------------------------------------------------------------------------ session parts

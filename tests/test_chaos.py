@@ -122,7 +122,7 @@ NO_MEDIA_RE = re.compile(
     r"no media|before the camera delivered any media|camera probe failed|camera did not answer a probe"
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.chaos]
+pytestmark = [pytest.mark.integration, pytest.mark.chaos, pytest.mark.serial]
 
 
 def phases_for(fault: str) -> tuple[str, ...]:

@@ -231,6 +231,14 @@ def test_agent_works_with_only_its_own_rights(tmp_path, acl_broker, clients, mak
     assert msg.json()["task_name"] == "acl-task"
     assert msg.properties is not None and msg.properties.CorrelationData == b"corr-acl"
 
+    # Remote management through the template: the controller sets the desired configuration (the
+    # device's group) and commands the group; the device reports and replies under its own topics.
+    controller.publish(topic("config", "desired"), {"version": 1, "config": {"groups": ["acl-site"]}}, retain=True)
+    assert controller.wait_for(topic("config", "reported"), lambda p: p["version"] == 1, 20)["groups"] == ["acl-site"]
+    controller.publish(f"{PREFIX}/groups/acl-site/cmd", {"action": "status", "request_id": "acl-g1"})
+    group = controller.wait_for(topic("groups", "acl-site", "reply"), lambda p: p["request_id"] == "acl-g1", 20)
+    assert group["ok"] is True and group["results"]["cam1"]["status"] == "completed"
+
     # `edge-agent ctl` with a controller's credentials (its own connection: the probe goes first,
     # as two connections of one username would disconnect each other).
     controller.close()

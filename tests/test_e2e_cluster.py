@@ -25,7 +25,7 @@ from nats import NatsCluster, NatsNode, NatsProbe
 from parts import AgentProcess, Message, MqttProbe, ffprobe_info, moov_before_mdat, write_config
 from rig import DEVICE, record_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 # Stated bound: from the kill of the agent's node to the agent logging a connection to a surviving
 # node. Budget: the agent's first reconnect delay (1-3 s with reconnect_min_seconds=1), a refused

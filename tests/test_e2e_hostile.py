@@ -958,7 +958,7 @@ def test_hostile_input_never_takes_the_agent_off_the_air(
                     docs.append(json.loads(m.payload) if m.payload else {})
                 except ValueError:
                     violations.append(f"non-JSON on {topic[:80]!r}: {m.payload[:100]!r}")
-            if topic in (f"{base}/telemetry", f"{base}/uploads"):
+            if topic in (f"{base}/telemetry", f"{base}/uploads", f"{base}/config/reported"):
                 violations += [f"reply-like doc on {topic}" for d in docs if isinstance(d, dict) and "ok" in d]
                 continue
             rest = topic[len(base) + 1 :] if topic.startswith(base + "/") else None

@@ -63,7 +63,7 @@ SEGMENT_SECONDS = 2
 MARGIN_SECONDS = 1.0
 ROUNDS = int(os.environ.get("EDGE_POWERCUT_ROUNDS", "2"))
 # About 65 s a round here; the suite's 300 s default would cut a long run short.
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120 + 120 * ROUNDS)]
+pytestmark = [pytest.mark.integration, pytest.mark.serial, pytest.mark.timeout(120 + 120 * ROUNDS)]
 SEED = int(os.environ.get("EDGE_POWERCUT_SEED", str(random.randrange(1 << 30))))
 RANK = {"starting": 0, "recording": 1, "stopping": 2, "uploading": 3, "upload_pending": 3,
         "uploaded": 4, "completed": 4, "failed": 4}  # fmt: skip

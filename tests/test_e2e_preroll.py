@@ -6,20 +6,26 @@ What users rely on: the MP4 begins at a keyframe at or before `command time - pr
 buffer segment, decodes without a single error, and its frame times have no gap or repeat at the
 seams between ring segments; `recording` is published as soon as the command is handled; a buffered
 task survives a kill -9 like any other; a camera without a buffer refuses a pre-roll with the reason.
+
+The pre-roll test records a simulator that draws each frame's wall-clock time into the frame
+(`camsim --counter`, tests/framestamp.py): decoding the file's frames shows that its first frame
+was captured before the command, by the pre-roll, and its last one around the stop.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import subprocess
 import time
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
+import framestamp
 import pytest
-from parts import ffprobe_info
-from rig import Rig, make_rig
+from parts import CameraSim, ffprobe_info
+from rig import DEVICE, Rig, download, make_rig, minio_storage
 
 pytestmark = pytest.mark.integration
 
@@ -61,6 +67,26 @@ def frames(path: Path) -> list[tuple[int, bool]]:
     return rows
 
 
+def first_frame_stamp(path: Path, width: int) -> float:
+    """The wall-clock time (epoch seconds) drawn into the file's first frame, decoded whole."""
+    gray = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-frames:v", "1", "-fps_mode", "passthrough",
+                           "-f", "rawvideo", "-pix_fmt", "gray", "-"],
+                          capture_output=True, check=True, timeout=60).stdout  # fmt: skip
+    return framestamp.decode(gray, width) / 1000
+
+
+def frame_stamps(path: Path) -> list[float]:
+    """The wall-clock time drawn into every frame of the file, in order (only the stamp is decoded
+    into raw pixels: the top-left strip, about 15 kB a frame)."""
+    crop = f"crop={framestamp.WIDTH}:{framestamp.HEIGHT}:0:0"
+    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-vf", crop, "-fps_mode", "passthrough",
+                          "-f", "rawvideo", "-pix_fmt", "gray", "-"],
+                         capture_output=True, check=True, timeout=120).stdout  # fmt: skip
+    size = framestamp.WIDTH * framestamp.HEIGHT
+    assert raw and len(raw) % size == 0, len(raw)
+    return [framestamp.decode(raw[i : i + size], framestamp.WIDTH) / 1000 for i in range(0, len(raw), size)]
+
+
 def decode_errors(path: Path) -> str:
     out = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "null", "-"],
                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
@@ -68,7 +94,9 @@ def decode_errors(path: Path) -> str:
 
 
 def test_start_with_pre_roll_holds_the_seconds_before_the_command(tmp_path: Path, broker, probe, prefix,
-                                                                  make_agent, camera) -> None:  # fmt: skip
+                                                                  make_agent, track) -> None:  # fmt: skip
+    # A camera whose frames carry the wall-clock time they were made.
+    camera = track(CameraSim(tmp_path / "cam", mounts=("cam1", "cam2"), counter=True)).start()
     rig = buffered_rig(tmp_path, broker, probe, prefix, make_agent, camera)
     rig.start_agent()
     wait_ring(tmp_path / "ring", PRE_ROLL + BUFFER_SEGMENT)
@@ -89,11 +117,31 @@ def test_start_with_pre_roll_holds_the_seconds_before_the_command(tmp_path: Path
     assert events == ["started", "stopped", "completed"], events
     assert final["pre_roll_seconds"] == PRE_ROLL
 
-    # Where the recording really begins: at or before the pre-roll point, within one ring segment.
+    mp4 = Path(final["local_file"])
     media_start = epoch(final["media_start"])
+    # When each frame of the file was captured, drawn into it by the camera; every frame has its
+    # stamp, in capture order.
+    rows = frames(mp4)
+    stamps = frame_stamps(mp4)
+    first, last = stamps[0], stamps[-1]
+    print(f"first frame {commanded - first:.3f} s before the command; media_start - first "
+          f"{media_start - first:+.3f} s; last frame {last - stop_sent:+.3f} s from the stop")  # fmt: skip
+    assert len(stamps) == len(rows), (len(stamps), len(rows))
+    assert all(b > a for a, b in itertools.pairwise(stamps)), "frames out of capture order"
+    assert first_frame_stamp(mp4, camera.width) == first
+
+    # A frame from before the command is in the file: the first frame was captured the pre-roll
+    # before the command (the head begins at the keyframe at or before that point: up to one segment
+    # more, plus the camera's latency), and the last one around the stop (the tail runs to the end
+    # of the segment holding the stop).
+    assert PRE_ROLL - 0.5 <= commanded - first <= PRE_ROLL + BUFFER_SEGMENT + 1.0, commanded - first
+    assert stop_sent - 0.5 <= last <= stop_sent + BUFFER_SEGMENT + 1.0, last - stop_sent
+    # The status says where the recording really begins: the first frame's capture time, within
+    # the camera's latency.
+    assert abs(media_start - first) <= 1.0, media_start - first
     assert commanded - PRE_ROLL - BUFFER_SEGMENT - 0.5 <= media_start <= commanded - PRE_ROLL + 0.5, (
         media_start - commanded)
-    mp4 = Path(final["local_file"])
+
     info = ffprobe_info(mp4)
     window = stop_sent - commanded
     # Pre-roll plus the window, within one segment at each end (the head starts at a keyframe at
@@ -102,11 +150,6 @@ def test_start_with_pre_roll_holds_the_seconds_before_the_command(tmp_path: Path
         info["duration"], PRE_ROLL + window)
     assert abs(final["duration_seconds"] - info["duration"]) < 0.5
 
-    # A frame from before the command is in the file: the MP4 begins before `commanded` by more
-    # than the whole recording window could explain.
-    assert commanded - media_start >= PRE_ROLL - 0.5
-
-    rows = frames(mp4)
     assert rows[0][1], "the first frame must be a keyframe"
     steps = Counter(b - a for (a, _), (b, _) in itertools.pairwise(rows))
     assert len(steps) == 1 and next(iter(steps)) > 0, f"gap or repeat at a seam: {steps}"
@@ -210,7 +253,8 @@ def test_snapshot_from_the_buffer_and_from_a_camera_without_one(tmp_path: Path, 
     wait_ring(tmp_path / "ring", 2)
     for cam in ("cam1", "cam2"):  # cam1 from its ring, cam2 by a one-shot grab
         asked = time.time()
-        reply = rig.request(cam, {"action": "snapshot"}, timeout=40)
+        # Kept on request: with storage.type local, on disk next to the camera's recordings.
+        reply = rig.request(cam, {"action": "snapshot", "upload": cam == "cam1"}, timeout=40)
         assert reply["ok"] is True and reply["status"] == "snapshot", reply
         frame_time = epoch(reply["frame_time"])
         assert asked - 2 * BUFFER_SEGMENT - 1.0 <= frame_time <= time.time() + 0.5, (cam, frame_time - asked)
@@ -220,6 +264,47 @@ def test_snapshot_from_the_buffer_and_from_a_camera_without_one(tmp_path: Path, 
         path.write_bytes(jpeg)
         info = ffprobe_info(path)
         assert (info["codec"], info["width"], info["height"]) == ("mjpeg", 1280, 720), info
+        if cam == "cam1":
+            kept = Path(reply["local_file"])
+            assert kept.parent == (rig.output_dir / "cam1").resolve() and kept.read_bytes() == jpeg
+            stamp = f"snapshot_{datetime.fromtimestamp(frame_time, UTC):%Y%m%dT%H%M%S}"
+            assert kept.name.startswith(stamp) and kept.suffix == ".jpg", kept.name
+        else:
+            assert "local_file" not in reply and "object_name" not in reply
+
+
+def test_a_snapshot_uploaded_to_the_object_store(tmp_path: Path, broker, probe, prefix, make_agent, camera, s3,
+                                                 bucket) -> None:  # fmt: skip
+    storage = minio_storage(s3, bucket, download_url="replies")
+    rig = make_rig(tmp_path, broker, probe, prefix, make_agent, cameras={"cam1": {"url": camera.url("cam1")}},
+                   storage=storage)  # fmt: skip
+    rig.start_agent()
+    reply = rig.request("cam1", {"action": "snapshot", "upload": True}, timeout=40)
+    assert reply["ok"] is True and reply["status"] == "snapshot", reply
+    frame_time = datetime.fromtimestamp(epoch(reply["frame_time"]), UTC)
+    # Next to the camera's recordings: <device>/<camera>/YYYY/MM/DD/snapshot_<frame time>.jpg
+    assert reply["bucket"] == bucket
+    assert reply["object_name"].startswith(f"{DEVICE}/cam1/{frame_time:%Y/%m/%d}/snapshot_{frame_time:%Y%m%dT%H%M%S}")
+    jpeg = probe.wait_for_raw(reply["topic"], lambda p: p.startswith(b"\xff\xd8"), timeout=10).payload
+    stored = s3.client().get_object(bucket, reply["object_name"])
+    try:
+        assert stored.read() == jpeg and stored.headers["Content-Type"] == "image/jpeg"
+    finally:
+        stored.close()
+        stored.release_conn()
+    assert download(reply["download_url"], tmp_path / "dl.jpg").read_bytes() == jpeg  # the presigned URL works
+
+    # Uploads paused (a metered link): the snapshot is published but not uploaded, and the reply says why.
+    assert rig.request("cam1", {"action": "pause_uploads"})["ok"] is True
+    paused = rig.request("cam1", {"action": "snapshot", "upload": True}, timeout=40)
+    assert paused["ok"] is False and "uploads are paused" in paused["error"] and paused["bytes"] > 0, paused
+    assert "object_name" not in paused
+    # A bad value is refused, naming the field; no secret ever appears in a reply.
+    bad = rig.request("cam1", {"action": "snapshot", "upload": "yes"})
+    assert bad["ok"] is False and "upload" in bad["error"] and "boolean" in bad["error"], bad
+    for message in probe.messages(rig.reply_topic("cam1")):
+        assert s3.secret_key not in json.dumps(message)
+    assert len(list(s3.client().list_objects(bucket, recursive=True))) == 1
 
 
 def test_a_camera_outage_is_a_counted_gap_in_a_buffered_task(tmp_path: Path, broker, probe, prefix, make_agent,

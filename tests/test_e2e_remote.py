@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 from parts import CameraSim, MqttProbe
+from parts.base import free_port
 from rig import Rig, make_rig, minio_storage, record_for
 
 pytestmark = pytest.mark.integration
@@ -45,9 +46,9 @@ def camera_cfg(camera: CameraSim, mount: str, password: str | None = None) -> di
     return {"url": url, "rtsp_transport": "tcp", "max_seconds": 600}
 
 
-def add_groups(rig: Rig, groups: list[str]) -> None:
+def patch_config(rig: Rig, **keys: Any) -> None:
     doc = yaml.safe_load(rig.config_path.read_text())
-    doc["groups"] = groups
+    doc.update(keys)
     rig.config_path.write_text(yaml.safe_dump(doc))
 
 
@@ -62,6 +63,8 @@ def test_desired_config_live_add_remove_reject_restart(tmp_path: Path, broker, p
                                                        camera: CameraSim, s3, bucket) -> None:  # fmt: skip
     rig = make_rig(tmp_path, broker, probe, prefix, make_agent, cameras={"cam1": camera_cfg(camera, "cam1")},
                    storage=minio_storage(s3, bucket))  # fmt: skip
+    ha = f"{prefix}/ha"  # under the probe's subscription
+    patch_config(rig, homeassistant={"enabled": True, "discovery_prefix": ha})
     rig.start_agent()
     first = wait_reported(rig, lambda p: p["version"] is None)
     assert first["state"] == "applied" and set(first["config"]["cameras"]) == {"cam1"}
@@ -74,6 +77,8 @@ def test_desired_config_live_add_remove_reject_restart(tmp_path: Path, broker, p
     assert rep["state"] == "applied" and rep["pending"] == [] and rep["rejected"] is None
     assert set(rep["config"]["cameras"]) == {"cam1", "cam2"} and rep["config"]["recording"]["max_seconds"] == 900
     assert SECRET not in json.dumps(rep) and rep["config"]["cameras"]["cam2"]["url"].startswith("rtsp://***@")
+    # Home Assistant learns of the new camera at once.
+    assert probe.wait_for(f"{ha}/device/{rig.device}_cam2/config", lambda p: "cmps" in p, timeout=10)
     assert rig.request("cam2", {"action": "start", "task_name": "added"})["ok"] is True
     rig.wait_status("cam2", "added", "recording", timeout=30)
     record_for(3)
@@ -95,6 +100,9 @@ def test_desired_config_live_add_remove_reject_restart(tmp_path: Path, broker, p
     assert set(rep["config"]["cameras"]) == {"cam2"}
     gone = rig.request("cam1", {"action": "status"})
     assert gone["ok"] is False and "not configured" in gone["error"]
+    # ...and forgets the removed one (an empty retained config deletes the device); its status is cleared.
+    probe.wait_for_raw(f"{ha}/device/{rig.device}_cam1/config", lambda p: p == b"", timeout=10)
+    probe.wait_for_raw(rig.status_topic("cam1"), lambda p: p == b"", timeout=10)
 
     # 3. An invalid document is rejected whole, with its key paths; version 2 keeps running.
     publish_desired(rig, 3, {"cameras": {"cam2": {"rtsp_transport": "tcp"}, "cam3": camera_cfg(camera, "cam3")},
@@ -126,7 +134,7 @@ def test_desired_while_offline_and_group_commands(tmp_path: Path, broker, probe,
                                                   camera: CameraSim) -> None:  # fmt: skip
     rig = make_rig(tmp_path, broker, probe, prefix, make_agent, cameras={"cam1": camera_cfg(camera, "cam1")},
                    storage={"type": "local"})  # fmt: skip
-    add_groups(rig, ["site-a"])
+    patch_config(rig, groups=["site-a"])
     # Published while the agent is offline (never started yet): retained, applied when it connects.
     publish_desired(rig, 5, {"cameras": {"cam1": camera_cfg(camera, "cam1"), "cam3": camera_cfg(camera, "cam3")},
                              "groups": ["site-a", "all"]})  # fmt: skip
@@ -188,3 +196,54 @@ def test_reported_is_retained_for_a_late_reader(tmp_path: Path, broker, probe, p
         late.subscribe(reported_topic(rig))
         msg = late.wait_for_message(reported_topic(rig), timeout=10)
         assert msg.retain and msg.json()["version"] == 1 and msg.json()["config"]["telemetry_seconds"] == 5
+
+
+def test_new_store_credentials_apply_to_waiting_uploads(tmp_path: Path, broker, probe, prefix, make_agent,
+                                                        camera: CameraSim, s3, bucket) -> None:  # fmt: skip
+    """The store moved (the device's endpoint answers nothing): the upload waits, retrying; the
+    operator sends the new endpoint and key remotely: the waiting upload goes there without a
+    restart, and the key never shows in `reported`. (A store that refuses the key fails the upload
+    at once, with the reason: AccessDenied is not retried.)"""
+    wrong = minio_storage(s3, bucket, endpoint=f"127.0.0.1:{free_port()}", secret_key="old-secret-key-1")
+    rig = make_rig(tmp_path, broker, probe, prefix, make_agent, cameras={"cam1": camera_cfg(camera, "cam1")},
+                   storage=wrong)  # fmt: skip
+    rig.start_agent()
+    assert rig.request("cam1", {"action": "start", "task_name": "stuck"})["ok"] is True
+    rig.wait_status("cam1", "stuck", "recording", timeout=30)
+    record_for(2)
+    rig.request("cam1", {"action": "stop", "task_name": "stuck"})
+    waiting = rig.wait_status("cam1", "stuck", "upload_pending", timeout=60)
+    assert waiting["last_upload_error"]
+    right = {**wrong, "endpoint": s3.endpoint, "secret_key": s3.secret_key, "min_free_bytes": 0}
+    publish_desired(rig, 1, {"storage": right})
+    rep = wait_reported(rig, lambda p: p["version"] == 1)
+    assert s3.secret_key not in json.dumps(rep) and rep["state"] == "applied"
+    final = rig.wait_status("cam1", "stuck", {"uploaded", "failed"}, timeout=60)
+    assert final["status"] == "uploaded", final
+    stat = s3.client().stat_object(bucket, final["object_name"])
+    assert stat.size == final["size_bytes"]
+
+
+def test_group_topic_flood_does_not_take_the_agent_down(tmp_path: Path, broker, probe, prefix, make_agent,
+                                                         camera: CameraSim) -> None:  # fmt: skip
+    """A hostile client on the shared broker floods a group topic the device is in: the agent stays
+    connected, answers within its rate (mqtt.command_burst, then commands_per_second), and its
+    own commands still get through."""
+    rig = make_rig(tmp_path, broker, probe, prefix, make_agent, cameras={"cam1": camera_cfg(camera, "cam1")},
+                   storage={"type": "local"}, mqtt={"command_burst": 20, "commands_per_second": 5})  # fmt: skip
+    patch_config(rig, groups=["site-a"])
+    rig.start_agent()
+    wait_reported(rig, lambda p: p["groups"] == ["site-a"])
+    with MqttProbe(broker.host, broker.port) as hostile:
+        began = time.monotonic()
+        for i in range(3000):
+            hostile.publish(f"{prefix}/groups/site-a/cmd", {"action": "status", "request_id": f"flood-{i}"}, qos=0)
+        hostile.publish(f"{prefix}/groups/site-a/cmd", b"\xff\xfe not json", qos=1)
+    reply = rig.request("cam1", {"action": "status"}, timeout=20)
+    assert reply["ok"] is True
+    elapsed = time.monotonic() - began
+    time.sleep(1.0)
+    answered = [m for m in probe.messages(f"{rig.base}/groups/site-a/reply")]
+    assert 1 <= len(answered) <= 20 + 5 * (elapsed + 1.0) + 1, (len(answered), elapsed)
+    assert rig.agent is not None and rig.agent.is_alive()
+    assert rig.agent.log_text().count("connected to 127.0.0.1") == 1

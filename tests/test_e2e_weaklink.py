@@ -28,7 +28,7 @@ from edge_agent.cli import JOURNAL_NAME
 from edge_agent.journal import Journal
 from edge_agent.tasks import Task, stamp, utc_now
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 MiB = 1024 * 1024
 MB = 1_000_000

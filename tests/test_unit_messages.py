@@ -300,3 +300,24 @@ def test_start_with_pre_roll_and_export_with_a_range() -> None:
 def test_bad_pre_roll_and_ranges_are_named(payload: dict[str, object], problem: str) -> None:
     decoded = decode_command(json.dumps(payload).encode(), 4096)
     assert decoded.command is None and decoded.error is not None and problem in decoded.error, decoded
+
+
+def test_snapshot_upload_is_a_boolean_for_snapshot_only() -> None:
+    for value in (True, False):
+        cmd = decode_command(json.dumps({"action": "snapshot", "upload": value}).encode(), 4096).command
+        assert cmd is not None and cmd.upload is value
+    plain = decode_command(b'{"action":"snapshot"}', 4096).command
+    assert plain is not None and plain.upload is None
+
+
+@pytest.mark.parametrize(
+    ("payload", "problem"),
+    [
+        ({"action": "snapshot", "upload": "yes"}, "upload: Input should be a valid boolean"),
+        ({"action": "snapshot", "upload": 1}, "upload: Input should be a valid boolean"),
+        ({"action": "start", "task_name": "x", "upload": True}, "upload is for snapshot, not start"),
+    ],
+)
+def test_bad_snapshot_upload_is_named(payload: dict[str, object], problem: str) -> None:
+    decoded = decode_command(json.dumps(payload).encode(), 4096)
+    assert decoded.command is None and decoded.error is not None and problem in decoded.error, decoded

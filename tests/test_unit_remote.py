@@ -102,18 +102,18 @@ def test_redacted_hides_every_secret(tmp_path: Path) -> None:
     assert "10.0.0.9/stream" in text  # the host stays readable
 
 
-def test_plan_keeps_busy_cameras_and_a_busy_store(tmp_path: Path) -> None:
+def test_plan_keeps_busy_cameras(tmp_path: Path) -> None:
     raw = local_raw(tmp_path)
     raw["cameras"]["cam2"] = {"url": "rtsp://10.0.0.6/s"}
     current = remoteconfig.build(raw, None)
     target = remoteconfig.build(raw, Desired(1, {"cameras": {"cam2": {"url": "rtsp://10.0.0.7/s"}},
                                                 "storage": {"type": "local", "min_free_bytes": 1}}))  # fmt: skip
-    p = remoteconfig.plan(current, target, {"cam1": "t1"}, uploads_in_flight=2)
-    assert [x.path for x in p.pending] == ["cameras.cam1", "storage"]
+    p = remoteconfig.plan(current, target, {"cam1": "t1"})
+    assert [x.path for x in p.pending] == ["cameras.cam1"]
     assert p.effective.cameras["cam1"] == current.cameras["cam1"]  # removed later
     assert p.effective.cameras["cam2"] == target.cameras["cam2"]  # not busy: changed now
-    assert p.effective.storage == current.storage
-    done = remoteconfig.plan(current, target, {}, 0)
+    assert p.effective.storage == target.storage  # at once (waiting uploads move to the new store)
+    done = remoteconfig.plan(current, target, {})
     assert done.complete and done.effective == target
 
 

@@ -34,6 +34,7 @@ class CameraSim(ManagedProcess):
         codec: str = "h264",
         pattern: str = "ball",
         shared: bool = True,
+        counter: bool = False,
     ) -> None:
         super().__init__(workdir)
         if codec not in ("h264", "mjpeg"):
@@ -48,6 +49,7 @@ class CameraSim(ManagedProcess):
         self.codec = codec
         self.pattern = pattern
         self.shared = shared
+        self.counter = counter  # frames carry their wall-clock time (tests/framestamp.py), not `pattern`
 
     def command(self) -> list[str]:
         cmd = [
@@ -70,6 +72,8 @@ class CameraSim(ManagedProcess):
             self.codec,
             "--shared" if self.shared else "--no-shared",
         ]
+        if self.counter:
+            cmd.append("--counter")
         if self.user is not None and self.password is not None:
             cmd += ["--user", self.user, "--password", self.password]
         return cmd
