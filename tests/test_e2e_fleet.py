@@ -57,7 +57,7 @@ from nats import NatsCluster, NatsNode, NatsProbe
 from parts import CameraSim, Mosquitto, MqttProbe
 from parts.fleet import Fleet, Tally, describe, wait_quiet
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.serial]  # 50 agents: the machine to themselves
 
 K = int(os.environ.get("EDGE_FLEET_K", "50"))
 GROUP = "fleet"
