@@ -233,7 +233,8 @@ def run_group(args: argparse.Namespace, cfg: AgentConfig) -> int:
         if not known:
             raise CtlError(EXIT_FAILED, f"no device lists group {group!r} in its retained "
                            f"{anyone.config_reported}: nothing sent")  # fmt: skip
-        conn.publish_acked(Topics(prefix, "_").group_command(group), json.dumps(cmd).encode(), deadline)
+        topic, payload = Topics(prefix, "_").group_command(group), json.dumps(cmd).encode()
+        conn.publish_acked(topic, payload, deadline)
         replies: dict[str, dict[str, Any]] = {}
 
         def take(msg: Msg, doc: dict[str, Any]) -> str | None:
@@ -244,7 +245,16 @@ def run_group(args: argparse.Namespace, cfg: AgentConfig) -> int:
             replies[device] = doc
             return device
 
-        _gather(conn, deadline, set(known), take)
+        # A broker may acknowledge a QoS 1 message and never deliver it to some subscribers (NATS 2.9
+        # did, docs/scaling.md): the same request goes out again at a third and two thirds of the
+        # timeout while members are silent. A member that has it already does not run it again.
+        want = set(known)
+        start = time.monotonic()
+        for resend_at in (start + args.timeout / 3, start + 2 * args.timeout / 3, deadline):
+            _gather(conn, min(resend_at, deadline), want, take)
+            if not want or resend_at >= deadline:
+                break
+            conn.publish_acked(topic, payload, deadline)
     finally:
         conn.close()
     rows: list[Row] = []
