@@ -58,9 +58,7 @@ from edge_agent.recording import (
 log = logging.getLogger(__name__)
 
 STOP_GRACE_SECONDS = 5.0  # after a stop: the segment holding the stop time must close within its length + this
-CLOCK_WINDOW = 5  # segments (10 s at 2 s) over which a run's media-to-wall-clock offset is taken: long enough
-# to ride out a late report, short enough to follow a stream whose media time runs slow (a camera
-# stalling and resuming; the test simulator under load)
+CLOCK_WINDOW = 30  # segments (a minute at 2 s) over which a run's media-to-wall-clock offset is taken
 
 
 @dataclass(frozen=True)
