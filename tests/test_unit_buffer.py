@@ -51,12 +51,14 @@ def test_an_earlier_report_lowers_the_offset_and_a_new_run_starts_anew(
     t0 = 1_000_000.0
     arrivals += [t0 + 2.8, t0 + 4.3, t0 + 30.5, t0 + 40.5]
     close(buf, 0, 0.0, 2.0)  # the first report of a run: FFmpeg's probe held it 0.8 s
+    assert buf._ring[0].end - t0 == pytest.approx(2.8)
     close(buf, 1, 2.0, 4.0)
-    assert buf._ring[-1].end - t0 == pytest.approx(4.3)
+    # The second shows the smaller offset: the run's first segment is restamped with it.
+    assert [(s.start - t0, s.end - t0) for s in buf._ring] == [pytest.approx((0.3, 2.3)), pytest.approx((2.3, 4.3))]
     buf._on_event(Interrupted(buf.spec.task_id, 1, "camera lost"))
     close(buf, 2, 0.0, 2.0)  # a new run: media time from 0 again, its own offset
-    close(buf, 3, 2.0, 4.0)  # (even without an Interrupted, media time going back is a new run)
-    assert [s.end - t0 for s in list(buf._ring)[2:]] == pytest.approx([30.5, 32.5])
+    close(buf, 3, 2.0, 4.0)  # a later report: no restamp, and the older run's segments never move
+    assert [s.end - t0 for s in buf._ring] == pytest.approx([2.3, 4.3, 30.5, 32.5])
     assert buf._ring[-1].run == 1
 
 
