@@ -31,6 +31,10 @@ pytestmark = pytest.mark.integration
 
 PRE_ROLL = 10.0
 BUFFER_SEGMENT = 2.0  # edge_agent.lifecycle.BUFFER_SEGMENT_SECONDS
+# How far a ring segment's wall-clock stamp may be off in the first seconds of a ring run, before
+# its media-to-wall-clock offset has settled: measured up to ~1.2 s (the frame-stamped test below
+# checks the settled case to 1 s). Bounds on `media_start` and snapshot times of young rings allow it.
+RING_START_SLACK = 1.5
 
 
 def epoch(iso_text: str) -> float:
@@ -173,7 +177,7 @@ def test_pre_roll_needs_a_buffer_and_the_default_applies(tmp_path: Path, broker,
     assert rig.request("cam1", {"action": "stop", "task_name": "default"})["ok"] is True
     final = rig.wait_status("cam1", "default", {"completed", "failed"}, timeout=60)
     assert final["status"] == "completed" and final["pre_roll_seconds"] == 5
-    assert commanded - 5 - BUFFER_SEGMENT - 0.5 <= epoch(final["media_start"]) <= commanded - 5 + 0.5
+    assert commanded - 5 - BUFFER_SEGMENT - RING_START_SLACK <= epoch(final["media_start"]) <= commanded - 5 + 0.5
 
 
 def test_a_buffered_task_survives_kill_9(tmp_path: Path, broker, probe, prefix, make_agent, camera) -> None:
@@ -228,7 +232,7 @@ def test_export_cuts_a_named_task_from_the_buffer(tmp_path: Path, broker, probe,
     assert reply["ok"] is True, reply
     final = rig.wait_status("cam1", "incident", {"completed", "failed"}, timeout=60)
     assert final["status"] == "completed", final
-    assert since - BUFFER_SEGMENT - 0.5 <= epoch(final["media_start"]) <= since + 0.5
+    assert since - BUFFER_SEGMENT - RING_START_SLACK <= epoch(final["media_start"]) <= since + 0.5
     duration = ffprobe_info(Path(final["local_file"]))["duration"]
     assert (until - since) - 0.5 <= duration <= (until - since) + 2 * BUFFER_SEGMENT + 0.5, duration
     assert decode_errors(Path(final["local_file"])) == ""
@@ -258,7 +262,7 @@ def test_snapshot_from_the_buffer_and_from_a_camera_without_one(tmp_path: Path, 
         reply = rig.request(cam, {"action": "snapshot", "upload": cam == "cam1"}, timeout=40)
         assert reply["ok"] is True and reply["status"] == "snapshot", reply
         frame_time = epoch(reply["frame_time"])
-        assert asked - 2 * BUFFER_SEGMENT - 1.0 <= frame_time <= time.time() + 0.5, (cam, frame_time - asked)
+        assert asked - 2 * BUFFER_SEGMENT - RING_START_SLACK <= frame_time <= time.time() + 0.5, (cam, frame_time - asked)
         jpeg = probe.wait_for_raw(reply["topic"], lambda p: p.startswith(b"\xff\xd8"), timeout=10).payload
         assert len(jpeg) == reply["bytes"]
         path = tmp_path / f"{cam}.jpg"
