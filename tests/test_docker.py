@@ -149,7 +149,7 @@ def test_container_records_uploads_and_finalises_on_docker_stop(
         assert container.inspect("{{.Config.User}}") == "edge-agent"
 
         # 1. start/stop through MQTT ends `uploaded` with a playable MP4.
-        record("dock1", 5)
+        record("dock1", 6)
         # Every process in the container, FFmpeg included, runs as the agent's user.
         uids = container.exec("sh", "-c", "grep -h '^Uid:' /proc/[0-9]*/status; ls /proc/*/exe -l 2>/dev/null")
         assert uids.returncode == 0, uids
@@ -159,15 +159,18 @@ def test_container_records_uploads_and_finalises_on_docker_stop(
         mosquitto_pub(broker.port, f"{base}/cam1/cmd", json.dumps({"action": "stop", "task_name": "dock1"}))
         final = task_status("dock1", {"uploaded", "failed"}, timeout=60)
         assert final["status"] == "uploaded", final
-        info = check_mp4(download(final["download_url"], tmp_path / "dock1.mp4"), final, min_seconds=3.5)
+        # The bound of tests/test_e2e_core.py: the MP4 holds the time from `recording` to `stop` within 2 s
+        # (its first and last fragments); 1 s more for a container on a loaded machine.
+        info = check_mp4(download(final["download_url"], tmp_path / "dock1.mp4"), final, min_seconds=3.0)
         assert info["width"] == camera.width and info["height"] == camera.height
+        timings["dock1_mp4_s"] = info["duration"]
 
         # 2. Docker's health status comes from the agent's own health file.
         container.wait_until(lambda: container.health() == "healthy", 30, "become healthy")
         assert container.exec("edge-agent", "health").returncode == 0
 
         # 3. `docker stop` during a recording finalises it: the MP4 stays in the volume (S3 cut) ...
-        record("dock2", 4)
+        record("dock2", 5)
         proxy.set_cut_after(0.0)
         proxy.cut_all()
         timings["docker_stop_s"] = round(container.stop(grace=60), 1)
@@ -180,7 +183,7 @@ def test_container_records_uploads_and_finalises_on_docker_stop(
         mountpoint = Path(docker("volume", "inspect", "--format", "{{.Mountpoint}}", volume).stdout.strip())
         in_volume = mountpoint / Path(pending["local_file"]).relative_to(STATE_DIR)
         assert in_volume.is_file(), (pending, sorted(str(p) for p in mountpoint.rglob("*")))
-        check_mp4(in_volume, pending, min_seconds=3.0)
+        timings["dock2_in_volume_mp4_s"] = check_mp4(in_volume, pending, min_seconds=2.5)["duration"]
 
         # ... and it is uploaded after the next container start.
         proxy.set_cut_after(None)
@@ -189,7 +192,7 @@ def test_container_records_uploads_and_finalises_on_docker_stop(
         wait_online("restart_to_online_s")
         final2 = task_status("dock2", {"uploaded", "failed"}, timeout=60)
         assert final2["status"] == "uploaded", final2
-        check_mp4(download(final2["download_url"], tmp_path / "dock2.mp4"), final2, min_seconds=3.0)
+        check_mp4(download(final2["download_url"], tmp_path / "dock2.mp4"), final2, min_seconds=2.5)
         assert not in_volume.exists()  # delete_local_after_upload
 
         # 4. A lost broker makes the container unhealthy (the process still runs).
