@@ -9,8 +9,8 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -60,6 +60,21 @@ def resolve_executable(configured: str, what: str = "ffmpeg") -> str:
     if found:
         return found
     raise FFmpegNotFound(f"{what} {name!r} not found on PATH: install FFmpeg (apt install ffmpeg)")
+
+
+_PARAMETERS_UNKNOWN = ("dimensions not set", "could not find codec parameters", "unspecified size")
+MAX_ANALYZE_US = 5_000_000
+
+
+def parameters_unknown(stderr_lines: Iterable[str]) -> bool:
+    """FFmpeg gave up before it knew the stream's parameters (its analysis window was too short)."""
+    return any(p in line.lower() for line in stderr_lines for p in _PARAMETERS_UNKNOWN)
+
+
+def widened(stream: StreamInput) -> StreamInput:
+    """`stream` analysed four times longer (and further), at most 5 s / 5 MB."""
+    return replace(stream, analyzeduration_us=min(MAX_ANALYZE_US, max(stream.analyzeduration_us * 4, 1_000_000)),
+                   probesize=min(MAX_ANALYZE_US, max(stream.probesize * 4, 1_000_000)))  # fmt: skip
 
 
 def ffprobe_next_to(ffmpeg: str) -> str:

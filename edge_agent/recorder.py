@@ -67,6 +67,7 @@ class Recorder(threading.Thread):
         self._wake_r, self._wake_w = os.pipe()
         self._stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         self._media_seen = False
+        self._stream = spec.stream  # widened after a run that could not read the stream's parameters
         self._segment_seconds: dict[str, float] = {}  # as FFmpeg reported each closed segment
         self._durable: set[str] = set()  # segments fsynced (file and directory entry)
         self.sync_seconds = 0.0  # wall time spent in those fsyncs (on this thread, never the agent's)
@@ -140,6 +141,12 @@ class Recorder(threading.Thread):
             if self._media_seen:
                 self.interruptions += 1
                 self._post(Interrupted(spec.task_id, self.interruptions, self._redact(outcome)))
+            elif ffmpeg.parameters_unknown(self._stderr_tail):
+                # The short default analysis (a fast start) saw no SPS/keyframe: a camera with a long
+                # GOP and no parameters in its SDP. Look longer next time (x4, at most 5 s).
+                self._stream = ffmpeg.widened(self._stream)
+                log.info("%s: stream parameters not found in time; analysing %.1f s next", spec.task_id,
+                         self._stream.analyzeduration_us / 1e6)  # fmt: skip
             delay = min(spec.restart_backoff_max, 0.5 * 2 ** min(restarts - 1, 6)) * random.uniform(0.8, 1.2)
             log.warning("%s: FFmpeg %s; restarting in %.1f s", spec.task_id, self._redact(outcome), delay)
             if self._wait_wake(delay):
@@ -158,7 +165,7 @@ class Recorder(threading.Thread):
         spec = self.spec
         seg_r, seg_w = os.pipe()  # FFmpeg reports each closed segment here
         argv = ffmpeg.record_argv(
-            spec.ffmpeg, spec.stream, spec.segment_dir, mode=mode, segment_seconds=spec.segment_seconds,
+            spec.ffmpeg, self._stream, spec.segment_dir, mode=mode, segment_seconds=spec.segment_seconds,
             start_number=self._next_segment_number(), preset=spec.preset, stats_period_s=spec.stats_period,
             segment_list_fd=seg_w, flush_packets=self.flush_packets,
         )  # fmt: skip

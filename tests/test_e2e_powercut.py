@@ -26,7 +26,7 @@ Asserted at every cut:
   nothing twice;
 - nothing of the task is left in the recordings directory.
 
-`EDGE_POWERCUT_ROUNDS` (default 2) rounds of the three cuts; `EDGE_POWERCUT_SEED` replays the
+`EDGE_POWERCUT_ROUNDS` (default 1) rounds of the three cuts; `EDGE_POWERCUT_SEED` replays the
 random recording lengths and delays and which variant each round uses. The loss per cut point is
 printed and written to `powercut-summary.json` in the test's tmp dir (and to `EDGE_POWERCUT_REPORT`, if set).
 """
@@ -61,7 +61,7 @@ SEGMENT_SECONDS = 2
 # Timing slack of the window, from measurements: the `recording` status follows the first frame by
 # up to one progress period (0.5 s) and FFmpeg's stop is not instantaneous either way.
 MARGIN_SECONDS = 1.0
-ROUNDS = int(os.environ.get("EDGE_POWERCUT_ROUNDS", "2"))
+ROUNDS = int(os.environ.get("EDGE_POWERCUT_ROUNDS", "1"))
 # About 65 s a round here; the suite's 300 s default would cut a long run short.
 pytestmark = [pytest.mark.integration, pytest.mark.serial, pytest.mark.timeout(120 + 120 * ROUNDS)]
 SEED = int(os.environ.get("EDGE_POWERCUT_SEED", str(random.randrange(1 << 30))))

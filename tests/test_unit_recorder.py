@@ -52,6 +52,9 @@ with open(os.path.join(os.path.dirname(os.path.dirname(pattern)), "pids"), "a") 
 if BEHAVIOUR == "leak":
     sys.stderr.write("Connection to " + opt("-i") + " refused\n")
     sys.exit(1)
+if BEHAVIOUR == "long_gop" and int(opt("-analyzeduration", "0")) < 2000000:  # a keyframe every 2 s
+    sys.stderr.write("[segment @ 0x1] dimensions not set\nCould not write header for output file #0\n")
+    sys.exit(1)
 frames, t0, closed = 0, time.monotonic(), 0
 while True:
     r, _, _ = select.select([sys.stdin], [], [], 0.1)
@@ -226,3 +229,14 @@ def test_ffmpeg_errors_reach_the_task_without_the_camera_password(tmp_path: Path
     assert isinstance(result, RecordingFailed)
     assert "Connection to" in result.error and "refused" in result.error
     assert PASSWORD not in result.error
+
+
+def test_a_stream_whose_parameters_come_late_is_analysed_longer(tmp_path: Path) -> None:
+    """A camera with a long GOP and no parameters in its SDP: FFmpeg's short default analysis
+    (0.5 s, a fast start) ends before the first SPS ("dimensions not set"); the recorder widens the
+    window (x4 per failure, at most 5 s) and records."""
+    run = Run(spec(tmp_path, "long_gop", first_frame_timeout=10.0))
+    run.wait_for(SegmentClosed)
+    run.rec.request_stop()
+    assert isinstance(run.end(), RecordingFinished)
+    assert len(run.pids()) == 2  # 0.5 s failed; 2 s (x4) records
