@@ -7,9 +7,7 @@ install:
 	bash scripts/install-deps.sh
 
 check:
-	$(VENV)/bin/ruff check edge_agent tests bench
-	$(VENV)/bin/mypy
-	$(VENV)/bin/pytest -q
+	bash scripts/check.sh
 
 test:
 	bash scripts/test.sh
