@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import queue
 import sys
 import time
 from collections.abc import Callable
@@ -228,15 +227,11 @@ def _set(args: argparse.Namespace, cfg: AgentConfig, conn: Conn, topics: Topics,
     print(f"edge-agent ctl: published version {version} on {topics.config_desired}", file=sys.stderr, flush=True)
     result: dict[str, Any] | None = None  # the report the agent publishes on receipt (even for the same document)
     while result is None:
-        left = deadline - time.monotonic()
-        if left <= 0:
+        msg = conn.next_message(deadline)
+        if msg is None:
             raise CtlError(EXIT_TIMEOUT, f"{topics.device_id} did not report version {version} within "
                            f"{args.timeout:g} s; the retained document stays: the device applies it when it "
                            "connects (see `config get`)")  # fmt: skip
-        try:
-            msg = conn.inbox.get(timeout=left)
-        except queue.Empty:
-            continue
         doc = decode(msg.payload) if msg.topic == topics.config_reported else None
         if doc is not None and outcome(doc, version) is not None:
             result = doc

@@ -178,13 +178,9 @@ def _command(args: argparse.Namespace, cfg: AgentConfig, topics: Topics) -> int:
         pending: list[dict[str, Any]] = []
         images: list[Msg] = []
         while reply is None:
-            left = deadline - time.monotonic()
-            if left <= 0:
+            msg = conn.next_message(deadline)
+            if msg is None:
                 raise CtlError(EXIT_TIMEOUT, f"no reply from {topics.base}/{camera} within {args.timeout:g} s")
-            try:
-                msg = conn.inbox.get(timeout=left)
-            except queue.Empty:
-                continue
             if msg.topic == snap_topic:
                 images.append(msg)
                 continue
@@ -217,13 +213,9 @@ def _save_snapshot(conn: Conn, topic: str, images: list[Msg], reply: dict[str, A
         return not m.retain and (not isinstance(size, int) or len(m.payload) == size)
 
     while not any(fresh(m) for m in images):
-        left = deadline - time.monotonic()
-        if left <= 0:
+        msg = conn.next_message(deadline)
+        if msg is None:
             raise CtlError(EXIT_TIMEOUT, f"the snapshot was answered but its image never arrived on {topic}")
-        try:
-            msg = conn.inbox.get(timeout=left)
-        except queue.Empty:
-            continue
         if msg.topic == topic:
             images.append(msg)
     jpeg = next(m for m in reversed(images) if fresh(m)).payload

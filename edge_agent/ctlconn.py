@@ -146,6 +146,16 @@ class Conn:
         if code.is_failure:
             raise CtlError(EXIT_FAILED, f"the broker refused the publish on {topic}: {code}")
 
+    def next_message(self, deadline: float) -> Msg | None:
+        """The next message in the inbox, or None once `deadline` (monotonic) has passed."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        try:
+            return self.inbox.get(timeout=left)
+        except queue.Empty:
+            return None
+
     def close(self) -> None:
         try:
             self.client.disconnect()

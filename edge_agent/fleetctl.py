@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
-import queue
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,13 +128,9 @@ def _gather(conn: Conn, deadline: float, want: set[str], take: Any) -> None:
     """Read the inbox until `want` is empty or the deadline passes; `take(msg, doc)` names the device a
     message answers (removed from `want`), or None."""
     while want:
-        left = deadline - time.monotonic()
-        if left <= 0:
+        msg = conn.next_message(deadline)
+        if msg is None:
             return
-        try:
-            msg = conn.inbox.get(timeout=left)
-        except queue.Empty:
-            continue
         doc = decode(msg.payload)
         if doc is not None:
             device = take(msg, doc)
