@@ -246,7 +246,7 @@ class Agent:
                 if self.cfg.telemetry_seconds > 0:
                     self.report.telemetry()
                 if self.manage is not None:
-                    self.manage.republish()
+                    self.manage.publish_reported()
             case MessageReceived(topic=topic, payload=payload):
                 if self._gate is not None:
                     self._gate.done()

@@ -65,7 +65,6 @@ class Management:
         self._replied: OrderedDict[tuple[str, str], bytes] = OrderedDict()  # (group, request id) -> reply
         self._replied_here: set[tuple[str, str]] = set()  # answered by this process (paho re-sends those)
         self._load_replies()
-        self._last_reported: bytes | None = None
 
     # ---- subscriptions --------------------------------------------------------------------------
 
@@ -164,13 +163,8 @@ class Management:
         }
 
     def publish_reported(self) -> None:
-        payload = dumps(self.reported_doc())
-        self._last_reported = payload
-        self._pub.publish(self._topics.config_reported, payload, retain=True)
-
-    def republish(self) -> None:
-        """After a (re)connect: the retained report from live state."""
-        self.publish_reported()
+        """The retained report from live state (after every change, and after every (re)connect)."""
+        self._pub.publish(self._topics.config_reported, dumps(self.reported_doc()), retain=True)
 
     # ---- group commands ---------------------------------------------------------------------------
 

@@ -171,13 +171,17 @@ class Tally:
             if not missing:
                 return self.last_received(suffix, predicate, wanted)
             if time.monotonic() >= deadline:
-                dead = [d for d in missing if not self.fleet.agents[d].is_alive()]
-                raise AssertionError(
-                    f"{what}: {len(missing)} of {len(wanted)} device(s) missing after {timeout:.0f} s: "
-                    f"{describe(missing)}; dead agents: {describe(dead) or 'none'}\n"
-                    f"{self.fleet.log_excerpts(missing)}"
-                )
+                raise self._missing(what, missing, len(wanted), timeout)
             time.sleep(0.1)
+
+    def _missing(self, what: str, missing: list[str], total: int, timeout: float) -> AssertionError:
+        """The failure of a wait: which devices are missing, which of their agents died, their logs."""
+        dead = [d for d in missing if not self.fleet.agents[d].is_alive()]
+        return AssertionError(
+            f"{what}: {len(missing)} of {total} device(s) missing after {timeout:.0f} s: "
+            f"{describe(missing)}; dead agents: {describe(dead) or 'none'}\n"
+            f"{self.fleet.log_excerpts(missing)}"
+        )
 
     def wait_raw_each(self, suffix: str, payload: bytes, timeout: float, what: str) -> float:
         """Waits until every device has a message with exactly ``payload`` on its topic."""
@@ -188,12 +192,7 @@ class Tally:
             if not missing:
                 return max(found[d][0].received_at for d in self.fleet.devices)
             if time.monotonic() >= deadline:
-                dead = [d for d in missing if not self.fleet.agents[d].is_alive()]
-                raise AssertionError(
-                    f"{what}: {len(missing)} of {len(self.fleet)} device(s) missing after {timeout:.0f} s: "
-                    f"{describe(missing)}; dead agents: {describe(dead) or 'none'}\n"
-                    f"{self.fleet.log_excerpts(missing)}"
-                )
+                raise self._missing(what, missing, len(self.fleet), timeout)
             time.sleep(0.1)
 
     def last_received(self, suffix: str, predicate: Callable[[dict[str, Any]], bool], devices: Sequence[str]) -> float:
