@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     server = GstRtspServer.RTSPServer()
     server.set_address("127.0.0.1")
     server.set_service(str(args.port))
+    # The default listen backlog is 5: fifty readers connecting at once (the fleet tests) would wait
+    # out TCP's SYN retransmission back-off if the main loop is slow to accept.
+    server.set_backlog(128)
     if args.user is not None:
         server.set_auth(make_auth(args.user, args.password))
 

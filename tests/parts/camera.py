@@ -78,6 +78,11 @@ class CameraSim(ManagedProcess):
             cmd += ["--user", self.user, "--password", self.password]
         return cmd
 
+    def env(self) -> dict[str, str]:
+        # GStreamer's own warnings and errors in camsim.log: what the RTSP server saw when a test's
+        # readers got no answer (GST_DEBUG level 2; the default, 0, says nothing).
+        return {**super().env(), "GST_DEBUG": "2", "GST_DEBUG_NO_COLOR": "1"}
+
     def is_ready(self) -> bool:
         return "READY" in self.log_since_start() and tcp_accepts(self.host, self.port)
 
