@@ -117,9 +117,17 @@ def test_dockerfile_is_slim_bookworm_non_root_with_tini_entrypoint_and_healthche
     instructions = dockerfile_instructions()
     assert instructions[0] == ("ARG", "BASE_IMAGE=debian:bookworm-slim")  # pullable; the tests pass a local one
     froms = [rest for kw, rest in instructions if kw == "FROM"]
-    assert froms == ["${BASE_IMAGE} AS build", "${BASE_IMAGE}"]
+    assert froms == ["${BASE_IMAGE} AS build", "${BASE_IMAGE} AS ffmpeg", "${BASE_IMAGE}"]
     runs = " ".join(rest for kw, rest in instructions if kw == "RUN")
-    assert "ffmpeg" in runs and "tini" in runs and "python3-venv" in runs
+    assert "tini" in runs and "python3-venv" in runs
+    # The shipped stage installs no Debian FFmpeg (it drags in X11, SDL, VA-API): it takes the two
+    # binaries of the headless build stage, compiled from Debian's source package.
+    final = instructions[max(i for i, (kw, _) in enumerate(instructions) if kw == "FROM"):]
+    final_runs = " ".join(rest for kw, rest in final if kw == "RUN")
+    installs = re.findall(r"apt-get install ([^&;]*)", final_runs)
+    assert installs and not any(re.search(r"\bffmpeg\b|libav", packages) for packages in installs), installs
+    assert ("COPY", "--from=ffmpeg /opt/ffmpeg/bin/ffmpeg /opt/ffmpeg/bin/ffprobe /usr/local/bin/") in final
+    assert "apt-get source --only-source ffmpeg" in runs and "--disable-everything" in runs
     assert "--mount=type=secret,id=extra-ca" in runs  # CA certificates for pip, never in a layer
     users = [rest for kw, rest in instructions if kw == "USER"]
     assert users and users[-1] not in ("root", "0")

@@ -155,7 +155,7 @@ def test_container_records_uploads_and_finalises_on_docker_stop(
         assert uids.returncode == 0, uids
         lines = [line.split() for line in uids.stdout.splitlines() if line.startswith("Uid:")]
         assert len(lines) >= 3 and all(set(line[1:]) == {AGENT_UID} for line in lines), uids.stdout
-        assert "/usr/bin/ffmpeg" in uids.stdout, uids.stdout
+        assert "/usr/local/bin/ffmpeg" in uids.stdout, uids.stdout
         mosquitto_pub(broker.port, f"{base}/cam1/cmd", json.dumps({"action": "stop", "task_name": "dock1"}))
         final = task_status("dock1", {"uploaded", "failed"}, timeout=60)
         assert final["status"] == "uploaded", final

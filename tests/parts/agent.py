@@ -268,7 +268,9 @@ def write_config(
         },
         "recording": {
             "output_dir": str(output_dir),
-            "ffmpeg_path": "ffmpeg",
+            # EDGE_TEST_AGENT_FFMPEG: run the agents on another FFmpeg build (ffprobe next to it), e.g.
+            # the Docker image's headless one; the tests' own checks keep the system FFmpeg.
+            "ffmpeg_path": os.environ.get("EDGE_TEST_AGENT_FFMPEG", "ffmpeg"),
             "max_seconds": 3600,
             **(recording or {}),
         },
