@@ -6,10 +6,14 @@ FFmpeg run under a timeout, on a thread of its own; the result is posted as a `S
 
 With `"upload": true` the JPEG is also kept, next to the camera's recordings, named after its
 frame's time: in the object store at `<device>/<camera>/YYYY/MM/DD/snapshot_<stamp>.jpg` (one PUT on
-the snapshot's thread: no queue, journal or retry; refused while uploads are paused), or with
-`storage.type: local` on disk at `<output_dir>/<camera>/snapshot_<stamp>.jpg` (written whole, then
-renamed, fsynced). The reply says where (`object_name` and `bucket`, plus a presigned `download_url`
-unless `storage.download_url` is `none`; or `local_file`).
+the snapshot's thread, a transient failure retried twice with tenacity backoff, 0.5 s then 1 s: the
+reply waits seconds, not an outage), or with `storage.type: local` on disk at
+`<output_dir>/<camera>/snapshot_<stamp>.jpg` (written whole, then renamed, fsynced). The reply says
+where (`object_name` and `bucket`, plus a presigned `download_url` unless `storage.download_url` is
+`none`; or `local_file`). A JPEG the store would not take (down, paused, refused) is kept on disk
+there instead, and the reply is an error naming why and where the file is: nothing asked to be kept
+is lost. Snapshots kept on disk are the operator's, like recordings kept by local storage: the agent
+never deletes them.
 """
 
 from __future__ import annotations
@@ -22,9 +26,13 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
+
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from edge_agent import durable, ffmpeg
 from edge_agent.config import AgentConfig
+from edge_agent.errors import TransientUploadError, UploadError
 from edge_agent.events import CommandReceived
 from edge_agent.intake import CommandIntake
 from edge_agent.lifecycle import Lifecycle
@@ -36,6 +44,7 @@ from edge_agent.tasks import iso_epoch, stamp
 from edge_agent.topics import Topics
 
 MAX_JPEG_BYTES = 8 * 1024 * 1024
+PUT_ATTEMPTS = 3  # a transient store failure is tried again after 0.5 s and 1 s
 
 Keeper = Callable[[bytes, float], dict[str, str]]  # (jpeg, frame time) -> reply fields saying where it is
 
@@ -67,6 +76,42 @@ def write_local(output_dir: Path, camera: str, jpeg: bytes, frame_time: float) -
         raise
     durable.fsync_dir(folder)
     return path
+
+
+def put_retrying(put: Callable[[], None], sleep: Callable[[float], None] = time.sleep) -> None:
+    """`put()`, retried on a TransientUploadError (`PUT_ATTEMPTS` in all, exponential backoff from
+    0.5 s); the last error, or a permanent one at once, is raised."""
+    retrying = Retrying(stop=stop_after_attempt(PUT_ATTEMPTS), wait=wait_exponential(multiplier=0.5, max=2.0),
+                        retry=retry_if_exception_type(TransientUploadError), sleep=sleep, reraise=True)  # fmt: skip
+    retrying(put)
+
+
+class SnapshotStore(Protocol):
+    """What a kept snapshot needs of the uploads (`UploadPool`); a fake in unit tests."""
+
+    def put_bytes(self, object_name: str, data: bytes, content_type: str) -> None: ...
+    def presign(self, object_name: str) -> str: ...
+
+
+def store_keeper(store: SnapshotStore, device_id: str, camera: str, bucket: str, presign: bool, output_dir: Path,
+                 sleep: Callable[[float], None] = time.sleep) -> Keeper:  # fmt: skip
+    """A Keeper that puts the JPEG in the object store next to the camera's recordings, or, if the
+    store does not take it (after `put_retrying`), keeps it on disk and says why in `upload_error`."""
+
+    def to_store(jpeg: bytes, frame_time: float) -> dict[str, str]:
+        key = object_key(device_id, camera, frame_time)
+        try:
+            put_retrying(lambda: store.put_bytes(key, jpeg, "image/jpeg"), sleep)
+        except UploadError as exc:
+            return {"local_file": str(write_local(output_dir, camera, jpeg, frame_time)), "upload_error": str(exc)}
+        out = {"bucket": bucket, "object_name": key}
+        if presign:  # a reply is never retained
+            url = store.presign(key)
+            if url:
+                out["download_url"] = url
+        return out
+
+    return to_store
 
 
 def grab(ffmpeg_bin: str, source: ffmpeg.StreamInput | Path, timeout: float, secrets: tuple[str, ...]) -> bytes:
@@ -130,9 +175,9 @@ class Snapshots:
         self._post = post
         self._pending: dict[str, tuple[Command, CommandReceived]] = {}  # camera -> the command waiting
 
-
     def set_secrets(self, secrets: tuple[str, ...]) -> None:
         self._secrets = secrets
+
     def request(self, camera: str, cmd: Command, ev: CommandReceived, ffmpeg_error: str | None) -> None:
         """Start a grab (from the ring if the camera has one), or answer why not."""
         tools = self._tasks.tools
@@ -161,31 +206,26 @@ class Snapshots:
                 return {"local_file": str(write_local(output_dir, camera, jpeg, frame_time))}
 
             return to_disk
-        store = uploads
-
-        def to_store(jpeg: bytes, frame_time: float) -> dict[str, str]:
-            key = object_key(self.cfg.device_id, camera, frame_time)
-            store.put_bytes(key, jpeg, "image/jpeg")
-            out = {"bucket": storage.bucket, "object_name": key}
-            if storage.download_url != "none":  # a reply is never retained
-                url = store.presign(key)
-                if url:
-                    out["download_url"] = url
-            return out
-
-        return to_store
+        return store_keeper(uploads, self.cfg.device_id, camera, storage.bucket, storage.download_url != "none",
+                            self.cfg.recording.output_dir)  # fmt: skip
 
     def taken(self, ev: SnapshotTaken) -> None:
         """Publish the JPEG (retained, raw bytes) and answer the command that asked for it."""
         pending = self._pending.pop(ev.camera_id, None)
-        ok = ev.error is None and ev.store_error is None
+        ok = ev.error is None and ev.store_error is None and "upload_error" not in (ev.stored or {})
         if ev.error is None:
             topic = self._topics.snapshot(ev.camera_id)
             self._pub.publish(topic, ev.jpeg, retain=True)
+            stored = dict(ev.stored or {})
+            upload_error = stored.pop("upload_error", None)
             doc = {"status": "snapshot", "camera_id": ev.camera_id, "frame_time": iso_epoch(ev.frame_time),
-                   "bytes": len(ev.jpeg), "topic": topic, **(ev.stored or {})}  # fmt: skip
+                   "bytes": len(ev.jpeg), "topic": topic, **stored}  # fmt: skip
             if ev.store_error is not None:  # published, but not kept as asked
                 doc.update(status="error", error=f"snapshot published on {topic} but not kept: {ev.store_error}")
+            elif upload_error is not None:  # published and kept, but on disk
+                doc.update(status="error", error=redact(f"snapshot published on {topic} but not uploaded "
+                                                        f"({upload_error}); kept at {stored['local_file']}",
+                                                        self._secrets))  # fmt: skip
         else:
             doc = {"status": "error", "camera_id": ev.camera_id, "error": f"snapshot failed: {ev.error}"}
         if pending is not None:

@@ -305,6 +305,10 @@ def test_a_snapshot_uploaded_to_the_object_store(tmp_path: Path, broker, probe, 
     paused = rig.request("cam1", {"action": "snapshot", "upload": True}, timeout=40)
     assert paused["ok"] is False and "uploads are paused" in paused["error"] and paused["bytes"] > 0, paused
     assert "object_name" not in paused
+    # ... and kept on disk next to the camera's recordings instead: nothing asked to be kept is lost.
+    kept = Path(paused["local_file"])
+    assert kept.name.startswith("snapshot_") and kept.parent.name == "cam1" and paused["local_file"] in paused["error"]
+    assert kept.read_bytes().startswith(b"\xff\xd8") and kept.stat().st_size == paused["bytes"]
     # A bad value is refused, naming the field; no secret ever appears in a reply.
     bad = rig.request("cam1", {"action": "snapshot", "upload": "yes"})
     assert bad["ok"] is False and "upload" in bad["error"] and "boolean" in bad["error"], bad
