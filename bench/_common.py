@@ -287,7 +287,8 @@ class Child:
     """
 
     def __init__(self, argv: Sequence[str], log_path: Path, *, stdin: bool = False,
-                 stdout: Path | None = None, pipe_stdout: bool = False) -> None:  # fmt: skip
+                 stdout: Path | None = None, pipe_stdout: bool = False,
+                 pass_fds: Sequence[int] = ()) -> None:  # fmt: skip
         self.argv = list(argv)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("ab")
@@ -296,7 +297,7 @@ class Child:
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
             self.argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=out, stderr=self._log,
-            start_new_session=True,
+            start_new_session=True, pass_fds=tuple(pass_fds),
         )  # fmt: skip
         self.ended: float | None = None
         self.returncode: int | None = None
