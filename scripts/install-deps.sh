@@ -33,3 +33,5 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[dev]'
+# Docker Compose v2 (`docker compose`) for the compose test in tests/test_docker.py (not in Debian 12).
+bash scripts/install-compose.sh

@@ -5,8 +5,9 @@ Run it with Debian's ``/usr/bin/python3`` (the GObject bindings are not in the p
 
     /usr/bin/python3 tests/camsim.py --port 8554 --mounts cam1,cam2 --codec h264
 
-It binds 127.0.0.1 only, prints ``READY`` on stdout once the server is attached to the main loop
-and exits cleanly (status 0) on SIGTERM or SIGINT. Killing it with SIGKILL is a camera outage.
+It binds 127.0.0.1 unless ``--address`` names another address (0.0.0.0: reachable from containers on
+a Docker network), prints ``READY`` on stdout once the server is attached to the main loop and exits
+cleanly (status 0) on SIGTERM or SIGINT. Killing it with SIGKILL is a camera outage.
 
 ``--counter``: instead of a videotestsrc pattern, every frame is made here (an ``appsrc`` fed at the
 frame rate from its own streaming thread, timestamped exactly at 1/fps steps that follow wall time)
@@ -38,6 +39,7 @@ ROLE = "camera-user"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="RTSP camera simulator (GStreamer RTSP server)")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--address", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--mounts", default="cam1", help="comma-separated mount names, e.g. cam1,cam2")
     parser.add_argument("--width", type=int, default=1280)
     parser.add_argument("--height", type=int, default=720)
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     Gst.init(None)
 
     server = GstRtspServer.RTSPServer()
-    server.set_address("127.0.0.1")
+    server.set_address(args.address)
     server.set_service(str(args.port))
     # The default listen backlog is 5: fifty readers connecting at once (the fleet tests) would wait
     # out TCP's SYN retransmission back-off if the main loop is slow to accept.
@@ -207,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     GLib.timeout_add_seconds(2, cleanup_sessions)
 
     if server.attach(None) == 0:
-        print(f"ERROR: cannot bind 127.0.0.1:{args.port}", file=sys.stderr, flush=True)
+        print(f"ERROR: cannot bind {args.address}:{args.port}", file=sys.stderr, flush=True)
         return 1
     keepers = []
     if args.shared:
@@ -215,9 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         # joins a shared media while its last client leaves and it unprepares. One in-process client
         # per mount keeps each shared media prepared, so clients coming and going never race that.
         creds = f" user-id={args.user} user-pw={args.password}" if args.user is not None else ""
+        host = "127.0.0.1" if args.address in ("0.0.0.0", "::") else args.address
         for mount in (m.strip() for m in args.mounts.split(",") if m.strip()):
             keeper = Gst.parse_launch(
-                f"rtspsrc location=rtsp://127.0.0.1:{args.port}/{mount} protocols=tcp latency=0{creds} "
+                f"rtspsrc location=rtsp://{host}:{args.port}/{mount} protocols=tcp latency=0{creds} "
                 "! fakesink sync=false async=false"
             )
             keeper.set_state(Gst.State.PLAYING)

@@ -48,13 +48,31 @@ def load_compose() -> dict[str, object]:
     return doc
 
 
+# `${NAME:-default}`: a compose variable with its default.
+COMPOSE_VARIABLE = re.compile(r"\$\{([A-Z][A-Z0-9_]*):-([^}]*)\}")
+# The knobs compose.yaml offers (tests/test_docker.py sets them all): images and host ports.
+COMPOSE_IMAGES = {
+    "mosquitto": ("MOSQUITTO_IMAGE", "eclipse-mosquitto:2"),
+    "minio": ("MINIO_IMAGE", "minio/minio:latest"),
+    "agent": ("EDGE_AGENT_IMAGE", "edge-agent:local"),
+}
+COMPOSE_PORTS = {"mosquitto": {("MQTT_PORT", "1883"): "1883"},
+                 "minio": {("MINIO_PORT", "9000"): "9000", ("MINIO_CONSOLE_PORT", "9001"): "9001"}}  # fmt: skip
+
+
+def env_default(value: object) -> tuple[str, str]:
+    match = COMPOSE_VARIABLE.fullmatch(str(value))
+    assert match, f"{value!r} is not ${{NAME:-default}}"
+    return match.group(1), match.group(2)
+
+
 def test_compose_has_broker_minio_and_agent_built_from_the_dockerfile() -> None:
     services = load_compose()["services"]
     assert isinstance(services, dict)
     assert set(services) == {"mosquitto", "minio", "agent"}
-    assert str(services["mosquitto"]["image"]).startswith("eclipse-mosquitto:")
+    assert env_default(services["mosquitto"]["image"])[1].startswith("eclipse-mosquitto:")
     minio = services["minio"]
-    assert str(minio["image"]).startswith("minio/minio")
+    assert env_default(minio["image"])[1].startswith("minio/minio")
     assert "--console-address" in minio["command"]
 
     agent = services["agent"]
@@ -67,6 +85,26 @@ def test_compose_has_broker_minio_and_agent_built_from_the_dockerfile() -> None:
     # Longer than the agent's finalise-at-shutdown bound (Docker's default is 10 s).
     grace = str(agent["stop_grace_period"])
     assert grace.endswith("s") and int(grace[:-1]) > RecordingConfig().stop_timeout_seconds + 30
+
+
+def test_compose_images_and_host_ports_can_be_overridden_with_the_documented_defaults() -> None:
+    """Images and host ports are `${VAR:-default}` (defaults: the real images, the usual ports), the ports
+    stay on the host's loopback, and every variable is documented in compose.yaml and the README."""
+    services = load_compose()["services"]
+    assert isinstance(services, dict)
+    assert {name: env_default(service["image"]) for name, service in services.items()} == COMPOSE_IMAGES
+    for name, service in services.items():
+        published = {}
+        for entry in service.get("ports", []):
+            match = re.fullmatch(r"127\.0\.0\.1:(\$\{[^}]*\}):(\d+)", str(entry))  # loopback only
+            assert match, entry
+            published[env_default(match.group(1))] = match.group(2)
+        assert published == COMPOSE_PORTS.get(name, {}), (name, service.get("ports"))
+    text, readme = COMPOSE.read_text(), (ROOT / "README.md").read_text()
+    variables = [var for var, _ in COMPOSE_IMAGES.values()]
+    variables += [var for ports in COMPOSE_PORTS.values() for var, _ in ports]
+    for var in variables:
+        assert text.count(var) >= 2 and f"`{var}`" in readme, var  # used and explained; in the README
 
 
 def test_compose_mounts_files_that_exist_and_a_valid_agent_config() -> None:

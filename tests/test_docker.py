@@ -5,12 +5,18 @@ tests/conftest.py after collection; these tests run last and wait for it): docke
 ``debian:bookworm-slim`` equivalent from Debian's packages (no registry is reachable), the build with
 the host's extra CA certificates as a build secret. The container runs with ``--network host`` so it
 reaches the test broker, S3 server and camera simulator on 127.0.0.1.
+
+deploy/docker/compose.yaml is run as users run it (``docker compose up -d``, Compose v2 from
+scripts/install-compose.sh) with that image as the agent and local stand-ins for the Mosquitto and
+MinIO images (tests/docker/: no registry to pull them from), against a camera simulator on the host.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import subprocess
 import time
 import uuid
@@ -19,9 +25,29 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import urllib3
 from faultproxy import LOCALHOST, FaultProxy
-from parts import CameraSim, Mosquitto, MqttProbe, SeaweedS3, ffprobe_info, moov_before_mdat, write_config
-from parts.docker import EXTRA_CA_DIR, Container, DockerPrep, docker, extra_ca_bundle
+from minio import Minio
+from parts import (
+    ROOT,
+    CameraSim,
+    Mosquitto,
+    MqttProbe,
+    SeaweedS3,
+    ffprobe_info,
+    free_port,
+    moov_before_mdat,
+    write_config,
+)
+from parts.docker import (
+    EXTRA_CA_DIR,
+    ComposeProject,
+    Container,
+    DockerPrep,
+    compose_plugin_missing,
+    docker,
+    extra_ca_bundle,
+)
 from rig import download, minio_storage, mosquitto_pub
 
 pytestmark = [pytest.mark.integration, pytest.mark.serial]
@@ -205,3 +231,121 @@ def test_container_records_uploads_and_finalises_on_docker_stop(
     finally:
         container.remove()
         proxy.stop()
+
+
+# The compose test's throwaway secrets (never used outside this test's containers).
+COMPOSE_DEVICE = "edge-01"  # deploy/docker/agent.yaml's device_id and broker user
+COMPOSE_PASSWORDS = {COMPOSE_DEVICE: "edge-01-test-pw", "controller": "controller-test-pw"}
+MINIO_USER, MINIO_PASSWORD = "edgeagent", "minio-test-pw"
+MOSQUITTO_UID = 1883  # the user of the eclipse-mosquitto image (and of its stand-in)
+
+
+def mosquitto_sub_says(port: int, *login: str) -> str:
+    """What Mosquitto's own client says when it subscribes with ``login`` (``-u USER -P PW``) or none."""
+    done = subprocess.run(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), *login, "-t", "#", "-C", "1",
+                           "-W", "5"], capture_output=True, text=True, timeout=20)  # fmt: skip
+    return f"exit {done.returncode}: {done.stdout}{done.stderr}".strip()
+
+
+@pytest.fixture
+def compose_v2() -> None:
+    """Fails (never skips) when `docker compose` is missing, before waiting for the images."""
+    missing = compose_plugin_missing()
+    if missing is not None:
+        pytest.fail(missing)
+
+
+@pytest.mark.timeout(1200)
+def test_compose_file_records_and_uploads_as_the_readme_says(
+    compose_v2: None, tmp_path: Path, docker_prep: DockerPrep, image: str, track: Any
+) -> None:
+    """deploy/docker/compose.yaml under Compose v2 with the README's steps: `docker compose up -d`, the
+    agent comes online on the compose broker, a start/stop from the `controller` user ends `uploaded`
+    with a playable MP4 in the compose S3 server, the broker refuses anonymous clients, `down -v`
+    leaves nothing. Mosquitto and MinIO are local stand-ins (tests/docker/); the camera is on the host."""
+    # The deploy folder as users have it (compose.yaml mounts ../mosquitto/acl), plus what they make.
+    deploy = tmp_path / "deploy"
+    shutil.copytree(ROOT / "deploy", deploy, ignore=shutil.ignore_patterns("passwd"))
+    workdir = deploy / "docker"
+    passwd = workdir / "passwd"
+    for n, (user, password) in enumerate(COMPOSE_PASSWORDS.items()):
+        create = ["-c"] if n == 0 else []
+        subprocess.run(["mosquitto_passwd", *create, "-b", str(passwd), user, password], check=True, timeout=10,
+                       capture_output=True)  # fmt: skip
+    if os.geteuid() == 0:  # as the README says: only the image's mosquitto user reads it
+        os.chown(passwd, MOSQUITTO_UID, MOSQUITTO_UID)
+        passwd.chmod(0o600)
+    else:  # the docker group but not root: no chown, so readable by everyone (a throwaway file)
+        passwd.chmod(0o644)
+    # The camera simulator listens on every interface of the host; the agent reaches it through the
+    # host's address on the Docker bridge (Docker's host-gateway), a test-only override.
+    camera = track(CameraSim(tmp_path / "camsim", mounts=("cam1",), width=640, height=360, address="0.0.0.0"))
+    camera.start()
+    (workdir / "test-override.yaml").write_text(
+        "services:\n  agent:\n    extra_hosts:\n      - \"host.docker.internal:host-gateway\"\n"
+    )
+    mqtt_port, minio_port, console_port = free_port(), free_port(), free_port()
+    project = ComposeProject(workdir, ["compose.yaml", "test-override.yaml"], env={
+        "MOSQUITTO_IMAGE": docker_prep.mosquitto_tag, "MINIO_IMAGE": docker_prep.minio_tag,
+        "EDGE_AGENT_IMAGE": image,
+        "MQTT_PORT": str(mqtt_port), "MINIO_PORT": str(minio_port), "MINIO_CONSOLE_PORT": str(console_port),
+        "MINIO_ROOT_USER": MINIO_USER, "MINIO_ROOT_PASSWORD": MINIO_PASSWORD,
+        "EDGE_AGENT_MQTT_PASSWORD": COMPOSE_PASSWORDS[COMPOSE_DEVICE],
+        "EDGE_AGENT_CAMERA_CAM1_URL": camera.url("cam1", host="host.docker.internal"),
+    })  # fmt: skip
+    base = f"edge/{COMPOSE_DEVICE}"  # agent.yaml: topic_prefix edge
+    timings: dict[str, float] = {}
+    probe: MqttProbe | None = None
+    try:
+        began = time.monotonic()
+        # No build and no pull: every image is local (the agent's is the one the other tests built).
+        project.run("up", "-d", "--no-build", "--pull", "never", timeout=180)
+        timings["up_to_healthy_s"] = round(time.monotonic() - began, 1)  # returns once the broker is healthy
+        states = project.run("ps", "--format", "{{.Service}} {{.State}} {{.Health}}", timeout=30).stdout
+        assert "mosquitto running healthy" in states, states
+
+        began = time.monotonic()
+        probe = MqttProbe("127.0.0.1", mqtt_port, username="controller", password=COMPOSE_PASSWORDS["controller"])
+        probe.subscribe(f"{base}/#")
+        probe.wait_for_raw(f"{base}/status", lambda p: p == b"online", timeout=60)
+        timings["up_to_online_s"] = round(timings["up_to_healthy_s"] + time.monotonic() - began, 1)
+
+        # The broker dropped root for the image's mosquitto user, which reads the passwd chowned to it.
+        status = project.run("exec", "-T", "mosquitto", "grep", "^Uid:", "/proc/1/status", timeout=30).stdout
+        assert status.split()[1:] == [str(MOSQUITTO_UID)] * 4, status
+        # The broker's security claim: no anonymous clients, nor a wrong password.
+        for login in ((), ("-u", "controller", "-P", "not-the-password")):
+            said = mosquitto_sub_says(mqtt_port, *login)
+            assert "not authorised" in said and not said.startswith("exit 0"), (login, said)
+
+        began = time.monotonic()
+        probe.publish(f"{base}/cam1/cmd", {"action": "start", "task_name": "compose1"})
+        probe.wait_for(f"{base}/cam1/tasks/compose1", lambda p: p["status"] == "recording", timeout=30)
+        time.sleep(5)
+        probe.publish(f"{base}/cam1/cmd", {"action": "stop", "task_name": "compose1"})
+        final = probe.wait_for(f"{base}/cam1/tasks/compose1", lambda p: p["status"] in ("uploaded", "failed"),
+                               timeout=60)  # fmt: skip
+        timings["start_to_uploaded_s"] = round(time.monotonic() - began, 1)
+        assert final["status"] == "uploaded" and final["bucket"] == "recordings", final
+
+        # The object through the published S3 port, with the MinIO root credentials.
+        http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=5, read=30), retries=urllib3.Retry(total=2))
+        s3 = Minio(f"127.0.0.1:{minio_port}", access_key=MINIO_USER, secret_key=MINIO_PASSWORD, secure=False,
+                   region="us-east-1", http_client=http)  # fmt: skip
+        mp4 = tmp_path / "compose1.mp4"
+        s3.fget_object(final["bucket"], final["object_name"], str(mp4))
+        info = check_mp4(mp4, final, min_seconds=3.0)
+        assert (info["width"], info["height"]) == (camera.width, camera.height), info
+        timings["mp4_s"] = info["duration"]
+    except BaseException:
+        print(project.logs())
+        raise
+    finally:
+        if probe is not None:
+            probe.close()
+        began = time.monotonic()
+        down = project.down()
+        timings["down_s"] = round(time.monotonic() - began, 1)
+        print(f"\ncompose timings: {json.dumps(timings)}")
+    assert not isinstance(down, Exception), down
+    assert project.containers() == [] and project.volumes() == []

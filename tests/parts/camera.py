@@ -35,13 +35,15 @@ class CameraSim(ManagedProcess):
         pattern: str = "ball",
         shared: bool = True,
         counter: bool = False,
+        address: str = LOCALHOST,
     ) -> None:
         super().__init__(workdir)
         if codec not in ("h264", "mjpeg"):
             raise ValueError(f"codec must be h264 or mjpeg, not {codec!r}")
         if (user is None) != (password is None):
             raise ValueError("user and password go together")
-        self.host = LOCALHOST
+        self.host = LOCALHOST  # where the tests reach it
+        self.address = address  # what it binds: 0.0.0.0 for containers on a Docker network
         self.port = port if port is not None else free_port()
         self.mounts = tuple(mounts)
         self.width, self.height, self.fps = width, height, fps
@@ -56,6 +58,8 @@ class CameraSim(ManagedProcess):
             SYSTEM_PYTHON,
             "-u",
             str(CAMSIM),
+            "--address",
+            self.address,
             "--port",
             str(self.port),
             "--mounts",
@@ -86,9 +90,12 @@ class CameraSim(ManagedProcess):
     def is_ready(self) -> bool:
         return "READY" in self.log_since_start() and tcp_accepts(self.host, self.port)
 
-    def url(self, mount: str = "cam1", *, user: str | None = None, password: str | None = None) -> str:
-        """``rtsp://[user:pass@]127.0.0.1:PORT/mount`` (the simulator's own credentials by default)."""
+    def url(
+        self, mount: str = "cam1", *, user: str | None = None, password: str | None = None, host: str | None = None
+    ) -> str:
+        """``rtsp://[user:pass@]127.0.0.1:PORT/mount`` (the simulator's own credentials by default;
+        ``host`` for another name of this machine, e.g. ``host.docker.internal`` in a container)."""
         user = self.user if user is None else user
         password = self.password if password is None else password
         cred = f"{user}:{password}@" if user is not None and password is not None else ""
-        return f"rtsp://{cred}{self.host}:{self.port}/{mount}"
+        return f"rtsp://{cred}{host or self.host}:{self.port}/{mount}"

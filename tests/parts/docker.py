@@ -7,10 +7,14 @@
   the official slim image, no ca-certificates either: 88 packages, about 78 MB) and ``docker
   import``-ed under a unique tag, which the build gets as ``--build-arg BASE_IMAGE`` (the Dockerfile's
   default is the pullable ``debian:bookworm-slim``).
-- ``DockerPrep``: engine + base image + ``docker build`` of deploy/docker/Dockerfile in a background
-  thread started right after collection (tests/conftest.py), so the ~2-3 minutes overlap the rest of
-  the suite; the Docker tests run last and only wait for it. ``cleanup()`` removes what it made.
+- ``DockerPrep``: engine + base image + ``docker build`` of deploy/docker/Dockerfile, then the compose
+  test's stand-ins for the Mosquitto and MinIO images (tests/docker/*.Dockerfile, from the same base:
+  the real images cannot be pulled here), in a background thread started right after collection
+  (tests/conftest.py), so the ~2-3 minutes overlap the rest of the suite; the Docker tests run last
+  and only wait for it. ``cleanup()`` removes what it made.
 - ``Container``: ``docker run -d`` with bounded waits that fail with the container's log.
+- ``ComposeProject``: ``docker compose`` (v2, the CLI plugin installed by scripts/install-compose.sh)
+  on one project name, with bounded commands.
 
 The client is Debian's ``/usr/bin/docker`` (docker.io 20.10): its built-in BuildKit (DOCKER_BUILDKIT=1)
 builds the Dockerfile's ``RUN --mount=type=secret``; a newer client without the buildx plugin cannot.
@@ -30,9 +34,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from parts.base import ROOT, ManagedProcess, PartError, tail
+from parts.s3 import weed_binary
 
 DOCKER = "/usr/bin/docker"
 DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
+STAND_INS = ROOT / "tests" / "docker"  # Dockerfiles of the compose test's Mosquitto and MinIO stand-ins
+COMPOSE_PLUGIN = Path("/usr/local/lib/docker/cli-plugins/docker-compose")
 EXTRA_CA_DIR = Path("/usr/local/share/ca-certificates")
 DEBIAN_MIRRORS = (
     "deb http://deb.debian.org/debian bookworm main",
@@ -110,6 +117,9 @@ class DockerPrep:
         self.base_tag = os.environ.get("EDGE_DOCKER_BASE_IMAGE") or f"edge-agent-test-base:{suffix}"
         self.make_base = "EDGE_DOCKER_BASE_IMAGE" not in os.environ
         self.image_tag = f"edge-agent-test:{suffix}"
+        # Stand-ins for eclipse-mosquitto:2 and minio/minio (tests/docker/), for the compose test.
+        self.mosquitto_tag = f"edge-agent-test-mosquitto:{suffix}"
+        self.minio_tag = f"edge-agent-test-minio:{suffix}"
         self.engine: DockerEngine | None = None  # set only when this session started dockerd
         self.timings: dict[str, float] = {}
         self.error: BaseException | None = None
@@ -159,6 +169,7 @@ class DockerPrep:
             if self.make_base:
                 self._make_base_image()
             self._build()
+            self._build_stand_ins()
             self.timings["prep_total_s"] = round(time.monotonic() - began, 1)
             self._log(f"=== timings: {json.dumps(self.timings)}")
         except BaseException as exc:
@@ -216,6 +227,30 @@ class DockerPrep:
             size = docker("image", "inspect", "--format", "{{.Size}}", tag, check=False).stdout.strip()
             if size.isdigit():
                 self.timings[name] = round(int(size) / 1e6)
+
+    def _build_stand_ins(self) -> None:
+        """The Mosquitto and MinIO stand-ins (tests/docker/) from the same base image."""
+        def build(name: str, tag: str, dockerfile: str, context: Path) -> None:
+            self._made.append(tag)
+            self._step(name, [DOCKER, "build", "--progress=plain", "-f", str(STAND_INS / dockerfile), "-t", tag,
+                              "--build-arg", f"BASE_IMAGE={self.base_tag}", str(context)], timeout=300)  # fmt: skip
+
+        build("mosquitto_image", self.mosquitto_tag, "mosquitto.Dockerfile", STAND_INS)
+        # The MinIO stand-in's build context: SeaweedFS's `weed` (the venv's, ~150 MB: linked when on
+        # the same file system) and the entry point.
+        context = self.workdir / "minio-context"
+        shutil.rmtree(context, ignore_errors=True)
+        context.mkdir()
+        weed = Path(weed_binary()).resolve()
+        try:
+            os.link(weed, context / "weed")
+        except OSError:
+            shutil.copy2(weed, context / "weed")
+        shutil.copy2(STAND_INS / "minio-entrypoint.sh", context / "minio-entrypoint.sh")
+        try:
+            build("minio_image", self.minio_tag, "minio.Dockerfile", context)
+        finally:
+            shutil.rmtree(context, ignore_errors=True)
 
     # -- teardown
     def cleanup(self) -> None:
@@ -292,3 +327,65 @@ class Container:
             self.logs()  # kept for the failure report
             docker("rm", "--force", "--volumes", self.name, timeout=60, check=False)
             self.created = False
+
+
+def compose_plugin_missing() -> str | None:
+    """None when ``docker compose`` (Compose v2) answers, else why not and how to install it."""
+    try:
+        done = docker("compose", "version", timeout=30, check=False)
+    except PartError as exc:
+        return str(exc)
+    if done.returncode == 0:
+        return None
+    said = (done.stderr.strip() or done.stdout.strip()).splitlines()[:1]  # the rest is `docker --help`
+    return (f"`{DOCKER} compose` (Docker Compose v2, the CLI plugin {COMPOSE_PLUGIN}) does not work "
+            f"(exit {done.returncode}: {' '.join(said)}): install it with scripts/install-compose.sh "
+            "(run by scripts/install-deps.sh; amd64 only)")  # fmt: skip
+
+
+class ComposeProject:
+    """``docker compose -p NAME -f FILE...`` run in ``directory`` with ``env`` added to the environment."""
+
+    def __init__(self, directory: Path, files: Sequence[str], env: dict[str, str], name: str | None = None) -> None:
+        self.directory = Path(directory)
+        self.name = name or f"edge-agent-test-{uuid.uuid4().hex[:10]}"
+        self.files = list(files)
+        self.env = {**docker_env(), **env}
+
+    def run(self, *args: str, timeout: float = 60.0, check: bool = True) -> subprocess.CompletedProcess[str]:
+        cmd = [DOCKER, "compose", "-p", self.name, *[a for f in self.files for a in ("-f", f)], *args]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=self.env,
+                                  cwd=self.directory, check=False)  # fmt: skip
+        except subprocess.TimeoutExpired as exc:
+            raise PartError(f"{' '.join(cmd)}: not done within {timeout:.0f} s") from exc
+        if check and done.returncode != 0:
+            raise PartError(f"{' '.join(cmd)} exited {done.returncode}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+        return done
+
+    def logs(self, lines: int = 60) -> str:
+        """The last ``lines`` lines of every service's log (``docker compose logs --tail``)."""
+        try:
+            done = self.run("logs", "--no-color", "--tail", str(lines), timeout=30, check=False)
+        except PartError as exc:
+            return str(exc)
+        return f"--- docker compose -p {self.name} logs --tail {lines} ---\n{done.stdout}{done.stderr}--- end ---"
+
+    def containers(self) -> list[str]:
+        """Every container of the project, running or not (by Compose's project label)."""
+        done = docker("ps", "-a", "-q", "--filter", f"label=com.docker.compose.project={self.name}", timeout=30)
+        return done.stdout.split()
+
+    def volumes(self) -> list[str]:
+        done = docker("volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={self.name}", timeout=30)
+        return done.stdout.split()
+
+    def down(self, timeout: float = 120.0) -> subprocess.CompletedProcess[str] | PartError:
+        """``down -v`` (containers, network, volumes); on failure the containers are removed by force
+        so none is left behind, and the failure is returned for the test to report."""
+        try:
+            return self.run("down", "-v", "--timeout", "60", timeout=timeout, check=True)
+        except PartError as exc:
+            for container in self.containers():
+                docker("rm", "--force", "--volumes", container, timeout=60, check=False)
+            return exc
