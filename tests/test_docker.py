@@ -113,6 +113,24 @@ def test_check_config_works_as_the_readme_says(tmp_path: Path, image: str) -> No
 
 
 @pytest.mark.timeout(1200)
+def test_the_image_ffmpeg_is_headless_and_the_image_small(image: str, docker_prep: DockerPrep) -> None:
+    """The image's FFmpeg (compiled in the Dockerfile) links no display, audio or GPU library, and can
+    do what the agent asks of it; the image stays far below the 661 MB of Debian's FFmpeg packages."""
+    libs = docker("run", "--rm", "--entrypoint", "sh", image, "-c",
+                  "ldd /usr/local/bin/ffmpeg /usr/local/bin/ffprobe").stdout  # fmt: skip
+    for unwanted in ("libX11", "libxcb", "libSDL", "libva", "libvdpau", "libvulkan", "libasound", "libpulse",
+                     "libavdevice", "libavcodec.so"):  # fmt: skip
+        assert unwanted not in libs, libs
+    caps = docker("run", "--rm", "--entrypoint", "sh", image, "-c",
+                  "ffmpeg -hide_banner -protocols; ffmpeg -hide_banner -muxers; ffmpeg -hide_banner -encoders; "
+                  "ffmpeg -hide_banner -decoders; ffmpeg -hide_banner -demuxers").stdout  # fmt: skip
+    for needed in (" rtp", " tcp", " tls", " segment", " mp4", " libx264", " mjpeg", " h264", " hevc", " rtsp"):
+        assert needed in caps, needed
+    size = docker("image", "inspect", "--format", "{{.Size}}", image).stdout.strip()
+    assert int(size) < 350e6, f"image {int(size) / 1e6:.0f} MB (timings: {docker_prep.timings})"
+
+
+@pytest.mark.timeout(1200)
 def test_extra_ca_certificates_stay_out_of_the_image(tmp_path: Path, image: str) -> None:
     """The build got the host's extra CA certificates as a secret (pip needed them here); none is shipped."""
     bundle = extra_ca_bundle(tmp_path)
