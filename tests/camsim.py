@@ -167,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     # The default listen backlog is 5: fifty readers connecting at once (the fleet tests) would wait
     # out TCP's SYN retransmission back-off if the main loop is slow to accept.
     server.set_backlog(128)
+    # GStreamer serves every client from ONE thread by default (max-threads 1): a client whose request
+    # blocks (a shared media preparing, a write to a full TCP window) then stalls all the others. A
+    # camera answers its clients independently: a thread per client, up to 64.
+    server.get_thread_pool().set_max_threads(64)
     if args.user is not None:
         server.set_auth(make_auth(args.user, args.password))
 
