@@ -31,8 +31,11 @@ trap 'rm -rf "$tmp"' EXIT
 deb="$tmp/docker-compose.deb"
 if command -v curl >/dev/null 2>&1; then
   curl -fsS --retry 3 -o "$deb" "$URL"
-else
+elif command -v wget >/dev/null 2>&1; then
   wget -q -O "$deb" "$URL"
+else
+  echo "install-compose: neither curl nor wget: apt-get install curl (scripts/install-deps.sh does)" >&2
+  exit 1
 fi
 echo "$SHA256  $deb" | sha256sum -c --quiet -
 dpkg-deb -x "$deb" "$tmp/root"

@@ -12,6 +12,7 @@ APT_PACKAGES=(
   systemd   # systemd-analyze verify of deploy/systemd/edge-agent.service (tests/test_deploy.py)
   fuse3     # fusermount3 + libfuse3 for the power-cut file system (tests/powercutfs.py)
   docker.io mmdebstrap  # tests/test_docker.py: the engine (started by the tests) and a local base image
+  curl      # scripts/install-compose.sh downloads Compose v2 (a minimal Debian may have neither curl nor wget)
 )
 # Node.js/npm only for the Node-RED integration test (scripts/install-node-red.sh); keep a newer one if present.
 command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(nodejs npm)
