@@ -32,7 +32,6 @@ from pathlib import Path
 
 from _common import (
     Child,
-    descendants_of,
     fmt,
     loadavg,
     log,
@@ -87,11 +86,6 @@ def forms(url: str, base: Path) -> dict[str, Callable[[int], tuple[list[str], in
     return {"plain": plain("plain"), "ring": ring, "fragmp4": fragmp4, "plain2": plain("plainb")}
 
 
-def tree(children: list[Child]) -> list[int]:
-    """The processes of a form: its children and theirs (the ring's shell, FFmpeg and cutter)."""
-    return [pid for c in children for pid in (c.pid, *descendants_of(c.pid))]
-
-
 def one_round(url: str, base: Path, copies: int, window: float, rotate: int) -> dict[str, float]:
     makers = forms(url, base)
     names = list(makers)
@@ -106,9 +100,9 @@ def one_round(url: str, base: Path, copies: int, window: float, rotate: int) -> 
             children[name].append(child)
     try:
         time.sleep(8.0)  # past start-up (probing, the first segments)
-        before = {name: pids_cpu_ns(tree(cs)) for name, cs in children.items()}
+        before = {name: pids_cpu_ns(c.pid for c in cs) for name, cs in children.items()}
         time.sleep(window)
-        after = {name: pids_cpu_ns(tree(cs)) for name, cs in children.items()}
+        after = {name: pids_cpu_ns(c.pid for c in cs) for name, cs in children.items()}
         alive = {name: sum(c.alive() for c in cs) for name, cs in children.items()}
     finally:
         for cs in children.values():

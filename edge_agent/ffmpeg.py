@@ -63,7 +63,8 @@ def resolve_executable(configured: str, what: str = "ffmpeg") -> str:
 
 
 _PARAMETERS_UNKNOWN = ("dimensions not set", "could not find codec parameters", "unspecified size")
-MAX_ANALYZE_US = 5_000_000
+MAX_ANALYZE_US = 5_000_000  # a widened -analyzeduration stops at 5 s
+MAX_PROBESIZE = 5_000_000  # ... and -probesize at 5 MB
 
 
 def parameters_unknown(stderr_lines: Iterable[str]) -> bool:
@@ -74,7 +75,7 @@ def parameters_unknown(stderr_lines: Iterable[str]) -> bool:
 def widened(stream: StreamInput) -> StreamInput:
     """`stream` analysed four times longer (and further), at most 5 s / 5 MB."""
     return replace(stream, analyzeduration_us=min(MAX_ANALYZE_US, max(stream.analyzeduration_us * 4, 1_000_000)),
-                   probesize=min(MAX_ANALYZE_US, max(stream.probesize * 4, 1_000_000)))  # fmt: skip
+                   probesize=min(MAX_PROBESIZE, max(stream.probesize * 4, 1_000_000)))  # fmt: skip
 
 
 def ffprobe_next_to(ffmpeg: str) -> str:

@@ -212,12 +212,12 @@ class Snapshots:
     def taken(self, ev: SnapshotTaken) -> None:
         """Publish the JPEG (retained, raw bytes) and answer the command that asked for it."""
         pending = self._pending.pop(ev.camera_id, None)
-        ok = ev.error is None and ev.store_error is None and "upload_error" not in (ev.stored or {})
+        stored = dict(ev.stored or {})
+        upload_error = stored.pop("upload_error", None)  # kept on disk instead: see `store_keeper`
+        ok = ev.error is None and ev.store_error is None and upload_error is None
         if ev.error is None:
             topic = self._topics.snapshot(ev.camera_id)
             self._pub.publish(topic, ev.jpeg, retain=True)
-            stored = dict(ev.stored or {})
-            upload_error = stored.pop("upload_error", None)
             doc = {"status": "snapshot", "camera_id": ev.camera_id, "frame_time": iso_epoch(ev.frame_time),
                    "bytes": len(ev.jpeg), "topic": topic, **stored}  # fmt: skip
             if ev.store_error is not None:  # published, but not kept as asked
