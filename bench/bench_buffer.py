@@ -49,6 +49,7 @@ from _common import (
 )
 from parts import AgentProcess, CameraSim, Mosquitto, MqttProbe
 
+from edge_agent import ffmpeg
 from edge_agent.config import RecordingConfig
 
 DEVICE = "bench-buf"
@@ -57,7 +58,12 @@ PATTERN = "smpte horizontal-speed=4"  # moving bars: about 1 Mbit/s at 720p
 
 
 def ring_bytes(ring: Path) -> tuple[int, int]:
-    """(bytes of the closed segments, bytes of all, the one FFmpeg is writing included)."""
+    """(bytes of the closed segments, bytes of all, what FFmpeg is writing included).
+
+    The agent cuts the ring itself (edge_agent.ringcut): every ``seg_*`` is closed and FFmpeg writes
+    ``ring.mp4``, whose blocks (not its size: the cut part is a hole) are the open part. With FFmpeg's
+    segment muxer (a file system without holes), the newest segment is the one being written.
+    """
     sizes: dict[str, int] = {}
     for p in ring.glob("seg_*"):
         try:
@@ -65,8 +71,12 @@ def ring_bytes(ring: Path) -> tuple[int, int]:
         except OSError:  # pruned while we looked
             pass
     total = sum(sizes.values())
-    newest = max(sizes, default=None)  # names sort by number: the newest is the one being written
-    return total - (sizes[newest] if newest else 0), total
+    try:
+        growing = (ring / ffmpeg.RING_FILE).stat().st_blocks * 512
+    except OSError:  # the segment muxer's form, or between two runs
+        newest = max(sizes, default=None)  # names sort by number: the newest is the one being written
+        return total - (sizes[newest] if newest else 0), total
+    return total, total + growing
 
 
 class ByteWatch(threading.Thread):

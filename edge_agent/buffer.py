@@ -40,10 +40,12 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from edge_agent import durable, ffmpeg
 from edge_agent.errors import RecordingError
 from edge_agent.finalise import finalise_segments
+from edge_agent.fmp4 import Mp4Error
 from edge_agent.recorder import Recorder, kill_orphans
 from edge_agent.recording import (
     Interrupted,
@@ -54,10 +56,12 @@ from edge_agent.recording import (
     RecordingSpec,
     SegmentClosed,
 )
+from edge_agent.ringcut import Cut, RingCutter, punch_supported
 
 log = logging.getLogger(__name__)
 
 STOP_GRACE_SECONDS = 5.0  # after a stop: the segment holding the stop time must close within its length + this
+CUT_POLL_SECONDS = 0.25  # how often the ring's growing file is looked at: a segment is cut this late at most
 CLOCK_WINDOW = 30  # segments (a minute at 2 s) over which a run's media-to-wall-clock offset is taken
 
 
@@ -77,6 +81,7 @@ class CameraBuffer(Recorder):
     # The ring is read only in closed segments and dropped at the next start: neither FFmpeg's flush
     # per packet nor an fsync per segment buys anything (a buffered task makes its own copies durable).
     flush_packets = False
+    poll_seconds = CUT_POLL_SECONDS
 
     def __init__(self, spec: RecordingSpec, seconds: float, max_bytes: int) -> None:
         super().__init__(spec, self._on_event)
@@ -92,6 +97,8 @@ class CameraBuffer(Recorder):
         self._last_media_end = -1.0
         self._clock = 0  # bumped whenever media times start again (a new FFmpeg run)
         self.live = threading.Event()  # media arrived in the last run (cleared when FFmpeg ends)
+        self.cut_by_agent = True  # see edge_agent.ringcut; False: FFmpeg's segment muxer cuts
+        self._cutter: RingCutter | None = None  # of the FFmpeg run in progress
 
     # -- the buffer's thread ------------------------------------------------------------------------
 
@@ -107,6 +114,10 @@ class CameraBuffer(Recorder):
         for old in self.spec.segment_dir.iterdir():  # a previous run's ring: its times are unknown
             with contextlib.suppress(OSError):
                 old.unlink()
+        self.cut_by_agent = punch_supported(self.spec.segment_dir)
+        if not self.cut_by_agent:
+            log.info("buffer of %s: %s cannot punch holes; FFmpeg's segment muxer cuts the ring (more CPU)",
+                     self.spec.camera_id, self.spec.segment_dir)  # fmt: skip
         try:
             while not self._stop_requested.is_set():
                 try:
@@ -139,6 +150,35 @@ class CameraBuffer(Recorder):
             case SegmentClosed(path=path, seconds=seconds, media_end=media_end):
                 self._segment_seconds.pop(path.name, None)  # the recorder's per-segment note: not for a ring
                 self._add(path, seconds, *self._wall_end(time.time(), media_end))
+
+    def _argv(self, mode: Literal["copy", "transcode"], segment_list_fd: int) -> list[str]:
+        if not self.cut_by_agent:
+            return super()._argv(mode, segment_list_fd)
+        spec = self.spec
+        source = spec.segment_dir / ffmpeg.RING_FILE
+        self._cutter = RingCutter(source, spec.segment_dir, spec.segment_seconds, self._next_segment_number())
+        return ffmpeg.ring_argv(spec.ffmpeg, self._stream, source, mode=mode, segment_seconds=spec.segment_seconds,
+                                preset=spec.preset, stats_period_s=spec.stats_period)  # fmt: skip
+
+    def _poll_output(self) -> None:
+        if self._cutter is not None:
+            try:
+                self._closed(self._cutter.poll())
+            except (Mp4Error, OSError) as exc:
+                raise RecordingError(f"cannot cut the ring's stream: {exc}") from None
+
+    def _output_ended(self) -> None:
+        cutter, self._cutter = self._cutter, None
+        if cutter is not None:
+            try:
+                self._closed(cutter.finish())
+            except (Mp4Error, OSError) as exc:
+                log.warning("buffer of %s: the end of a run is lost: %s", self.spec.camera_id, exc)
+
+    def _closed(self, cuts: list[Cut]) -> None:
+        for cut in cuts:
+            path = self.spec.segment_dir / cut.name
+            self._on_event(SegmentClosed(self.spec.task_id, path, cut.media_end - cut.media_start, cut.media_end))
 
     def _make_durable(self, names: list[str]) -> None:
         """Nothing: see `flush_packets` (and a ring running for months keeps no per-segment state)."""

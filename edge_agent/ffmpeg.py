@@ -32,6 +32,10 @@ FRAGMENTED_MP4_OPTIONS = "movflags=+frag_keyframe+empty_moov+default_base_moof:f
 # A ring buffer's segments are read only once FFmpeg has closed them (and the ring is dropped at the
 # next start anyway): no flush per packet, which was a third of the ring FFmpeg's CPU over a bare copy.
 RING_MP4_OPTIONS = FRAGMENTED_MP4_OPTIONS.removesuffix(":flush_packets=1")
+# A ring's one growing file (`ring_argv`): a fragment at every keyframe only (fewer fragments, and
+# the mov muxer keeps about 50 bytes per fragment for its index until the run ends).
+RING_FILE = "ring.mp4"
+RING_MOVFLAGS = "+frag_keyframe+empty_moov+default_base_moof"
 # pix_fmts that every browser's H.264 decoder plays (yuvj420p is full-range yuv420p).
 BROWSER_PIX_FMTS = frozenset({"yuv420p", "yuvj420p"})
 
@@ -182,23 +186,52 @@ def record_argv(
     seg_list = (
         ["-segment_list", f"pipe:{segment_list_fd}", "-segment_list_type", "csv"] if segment_list_fd is not None else []
     )
-    if mode == "copy":
-        video = ["-c:v", "copy"]
-    else:
-        video = [
-            "-c:v", "libx264", "-preset", preset, "-pix_fmt", "yuv420p",
-            "-vf", "scale=trunc(iw/2)*2:trunc(ih/2)*2",
-            # A keyframe at every segment boundary, so segments cut where asked.
-            "-force_key_frames", f"expr:gte(t,n_forced*{segment_seconds})",
-        ]  # fmt: skip
     return [
-        ffmpeg, "-hide_banner", "-loglevel", "error", "-nostats",
-        "-progress", "pipe:1", "-stats_period", f"{stats_period_s:g}", *stream.input_options(),
-        "-map", "0:v:0", "-an", "-sn", "-dn", *video,
+        *_input_argv(ffmpeg, stream, stats_period_s), *_video_argv(mode, preset, segment_seconds),
         "-f", "segment", "-segment_time", str(segment_seconds), "-segment_format", "mp4",
         "-segment_format_options", FRAGMENTED_MP4_OPTIONS if flush_packets else RING_MP4_OPTIONS,
         "-segment_start_number", str(start_number), "-reset_timestamps", "0", *seg_list,
         str(segment_dir / SEGMENT_PATTERN),
+    ]  # fmt: skip
+
+
+def ring_argv(
+    ffmpeg: str,
+    stream: StreamInput,
+    output: Path,
+    *,
+    mode: Literal["copy", "transcode"],
+    segment_seconds: int = 2,
+    preset: str = "veryfast",
+    stats_period_s: float = 2.0,
+) -> list[str]:
+    """Record a camera for a ring buffer: ONE fragmented MP4, a fragment at every keyframe, that the
+    agent cuts into segments as it grows (`edge_agent.ringcut`); no segment muxer, whose per-packet
+    work was most of the ring's CPU over a plain copy. Progress on stdout as in `record_argv`."""
+    return [
+        *_input_argv(ffmpeg, stream, stats_period_s), *_video_argv(mode, preset, segment_seconds),
+        # -flush_packets: a fragment reaches the file when it is complete, not when 32 KB have gathered
+        # (the mov muxer holds a fragment's samples itself, so the flush writes once per fragment).
+        "-f", "mp4", "-movflags", RING_MOVFLAGS, "-flush_packets", "1", "-y", str(output),
+    ]  # fmt: skip
+
+
+def _input_argv(ffmpeg: str, stream: StreamInput, stats_period_s: float) -> list[str]:
+    return [
+        ffmpeg, "-hide_banner", "-loglevel", "error", "-nostats",
+        "-progress", "pipe:1", "-stats_period", f"{stats_period_s:g}", *stream.input_options(),
+        "-map", "0:v:0", "-an", "-sn", "-dn",
+    ]  # fmt: skip
+
+
+def _video_argv(mode: Literal["copy", "transcode"], preset: str, segment_seconds: int) -> list[str]:
+    if mode == "copy":
+        return ["-c:v", "copy"]
+    return [
+        "-c:v", "libx264", "-preset", preset, "-pix_fmt", "yuv420p",
+        "-vf", "scale=trunc(iw/2)*2:trunc(ih/2)*2",
+        # A keyframe at every segment boundary, so segments cut where asked.
+        "-force_key_frames", f"expr:gte(t,n_forced*{segment_seconds})",
     ]  # fmt: skip
 
 

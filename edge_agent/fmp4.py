@@ -282,7 +282,7 @@ def read_segment(path: Path) -> Segment:
                 mdat_kind, mdat_size = _peek(f, mdat_at, size)
                 if mdat_kind != b"mdat":
                     raise Mp4Error(f"moof at byte {pos} not followed by mdat")
-                fragments.append(_fragment(moof, pos, mdat_at, mdat_size, track))
+                fragments.append(parse_fragment(moof, pos, mdat_at, mdat_size, track))
                 pos = mdat_at + mdat_size
             except Mp4Error as exc:
                 damage = f"{exc} (kept {len(fragments)} fragments, {size - pos} bytes after them)"
@@ -290,7 +290,7 @@ def read_segment(path: Path) -> Segment:
     return Segment(path, ftyp, moov_box, track, tuple(fragments), damage)
 
 
-def _fragment(moof: bytes, moof_at: int, mdat_at: int, mdat_size: int, track: Track) -> Fragment:
+def parse_fragment(moof: bytes, moof_at: int, mdat_at: int, mdat_size: int, track: Track) -> Fragment:
     body = header_len(moof)
     mfhd, _ = child(moof, body, len(moof), b"mfhd")
     trafs = [(b, e) for k, b, e in boxes(moof, body, len(moof)) if k == b"traf"]

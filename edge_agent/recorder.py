@@ -55,6 +55,7 @@ class Recorder(threading.Thread):
     """Records one task until asked to stop, then finalises it; or only finalises (recovery)."""
 
     flush_packets = True  # FFmpeg writes out every packet (a kill loses at most the fragment in progress)
+    poll_seconds: float | None = None  # how often `_poll_output` runs while FFmpeg records (None: never)
 
     def __init__(
         self, spec: RecordingSpec, post: Callable[[RecorderEvent], None], *, finalise_only: bool = False
@@ -162,13 +163,8 @@ class Recorder(threading.Thread):
 
     def _run_ffmpeg(self, mode: Literal["copy", "transcode"], task_started: float) -> str:
         """One FFmpeg run. Returns 'stopped' after a requested stop, else why it ended."""
-        spec = self.spec
         seg_r, seg_w = os.pipe()  # FFmpeg reports each closed segment here
-        argv = ffmpeg.record_argv(
-            spec.ffmpeg, self._stream, spec.segment_dir, mode=mode, segment_seconds=spec.segment_seconds,
-            start_number=self._next_segment_number(), preset=spec.preset, stats_period_s=spec.stats_period,
-            segment_list_fd=seg_w, flush_packets=self.flush_packets,
-        )  # fmt: skip
+        argv = self._argv(mode, seg_w)
         try:
             try:
                 proc = subprocess.Popen(
@@ -184,9 +180,25 @@ class Recorder(threading.Thread):
                 return self._supervise(proc, task_started, seg_r)
             finally:
                 self._reap(proc)
+                self._output_ended()
                 self._sync_left_behind()
         finally:
             os.close(seg_r)
+
+    def _argv(self, mode: Literal["copy", "transcode"], segment_list_fd: int) -> list[str]:
+        """The FFmpeg command of one run: segments, each reported closed on `segment_list_fd`."""
+        spec = self.spec
+        return ffmpeg.record_argv(
+            spec.ffmpeg, self._stream, spec.segment_dir, mode=mode, segment_seconds=spec.segment_seconds,
+            start_number=self._next_segment_number(), preset=spec.preset, stats_period_s=spec.stats_period,
+            segment_list_fd=segment_list_fd, flush_packets=self.flush_packets,
+        )  # fmt: skip
+
+    def _poll_output(self) -> None:
+        """Look at what FFmpeg wrote (every `poll_seconds` at least): nothing here, see CameraBuffer."""
+
+    def _output_ended(self) -> None:
+        """FFmpeg of this run has been reaped: nothing here, see CameraBuffer."""
 
     def _make_durable(self, names: list[str]) -> None:
         """fsync closed segments, then their directory (new names are durable only with it).
@@ -252,7 +264,11 @@ class Recorder(threading.Thread):
                     if now >= deadline:
                         self._kill(proc)
                         return "no media from the camera"
-                for key, _ in sel.select(timeout=max(0.05, deadline - now)):
+                timeout = max(0.05, deadline - now)
+                if self.poll_seconds is not None:
+                    self._poll_output()
+                    timeout = min(timeout, self.poll_seconds)
+                for key, _ in sel.select(timeout=timeout):
                     if key.data == "wake":
                         with contextlib.suppress(OSError):
                             os.read(self._wake_r, 64)
@@ -363,7 +379,7 @@ def kill_orphans(segment_dir: Path, grace: float = 3.0) -> list[int]:
     agent's death costs no media; SIGKILL after `grace` seconds. Matching on the segment path in
     argv is safe against PID reuse.
     """
-    needle = str(segment_dir / ffmpeg.SEGMENT_PATTERN).encode()
+    needles = {str(segment_dir / name).encode() for name in (ffmpeg.SEGMENT_PATTERN, ffmpeg.RING_FILE)}
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -372,7 +388,7 @@ def kill_orphans(segment_dir: Path, grace: float = 3.0) -> list[int]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if needle in argv:
+        if needles.intersection(argv):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(int(entry.name), signal.SIGTERM)
                 found.append(int(entry.name))
@@ -394,5 +410,3 @@ def _running(pid: int) -> bool:
     except OSError:
         return False
     return stat.rpartition(")")[2].split()[0] != "Z"
-
-
