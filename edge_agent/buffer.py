@@ -56,12 +56,15 @@ from edge_agent.recording import (
     RecordingSpec,
     SegmentClosed,
 )
-from edge_agent.ringcut import Cut, RingCutter, punch_supported
+from edge_agent.ringcut import Cut, RingCutter, WriteWatch, punch_supported
 
 log = logging.getLogger(__name__)
 
 STOP_GRACE_SECONDS = 5.0  # after a stop: the segment holding the stop time must close within its length + this
-CUT_POLL_SECONDS = 0.25  # how often the ring's growing file is looked at: a segment is cut this late at most
+# How often the ring's growing file is looked at besides when it is written (WriteWatch): a backstop.
+# Without inotify, the timer alone: a segment is then cut this late at most.
+CUT_POLL_SECONDS = 2.0
+CUT_POLL_SECONDS_UNWATCHED = 0.25
 CLOCK_WINDOW = 30  # segments (a minute at 2 s) over which a run's media-to-wall-clock offset is taken
 
 
@@ -99,6 +102,7 @@ class CameraBuffer(Recorder):
         self.live = threading.Event()  # media arrived in the last run (cleared when FFmpeg ends)
         self.cut_by_agent = True  # see edge_agent.ringcut; False: FFmpeg's segment muxer cuts
         self._cutter: RingCutter | None = None  # of the FFmpeg run in progress
+        self._watch: WriteWatch | None = None  # of the ring directory, while the buffer runs
 
     # -- the buffer's thread ------------------------------------------------------------------------
 
@@ -118,6 +122,13 @@ class CameraBuffer(Recorder):
         if not self.cut_by_agent:
             log.info("buffer of %s: %s cannot punch holes; FFmpeg's segment muxer cuts the ring (more CPU)",
                      self.spec.camera_id, self.spec.segment_dir)  # fmt: skip
+        else:
+            try:
+                self._watch = WriteWatch(self.spec.segment_dir)
+            except OSError as exc:
+                log.info("buffer of %s: %s; the ring is looked at every %g s", self.spec.camera_id, exc,
+                         CUT_POLL_SECONDS_UNWATCHED)  # fmt: skip
+                self.poll_seconds = CUT_POLL_SECONDS_UNWATCHED
         try:
             while not self._stop_requested.is_set():
                 try:
@@ -131,6 +142,8 @@ class CameraBuffer(Recorder):
                     self._wait_wake(self.spec.restart_backoff_max)
                 self._media_seen = False
         finally:
+            if self._watch is not None:
+                self._watch.close()
             for fd in (self._wake_r, self._wake_w):
                 with contextlib.suppress(OSError):
                     os.close(fd)
@@ -160,7 +173,12 @@ class CameraBuffer(Recorder):
         return ffmpeg.ring_argv(spec.ffmpeg, self._stream, source, mode=mode, segment_seconds=spec.segment_seconds,
                                 preset=spec.preset, stats_period_s=spec.stats_period)  # fmt: skip
 
+    def _output_fd(self) -> int | None:
+        return self._watch.fd if self._watch is not None and self._cutter is not None else None
+
     def _poll_output(self) -> None:
+        if self._watch is not None:
+            self._watch.drain()
         if self._cutter is not None:
             try:
                 self._closed(self._cutter.poll())

@@ -195,7 +195,12 @@ class Recorder(threading.Thread):
         )  # fmt: skip
 
     def _poll_output(self) -> None:
-        """Look at what FFmpeg wrote (every `poll_seconds` at least): nothing here, see CameraBuffer."""
+        """Look at what FFmpeg wrote (every `poll_seconds`, and whenever `_output_fd` is readable):
+        nothing here, see CameraBuffer."""
+
+    def _output_fd(self) -> int | None:
+        """A file descriptor readable when FFmpeg wrote output (`_poll_output` then runs), or None."""
+        return None
 
     def _output_ended(self) -> None:
         """FFmpeg of this run has been reaped: nothing here, see CameraBuffer."""
@@ -233,7 +238,11 @@ class Recorder(threading.Thread):
         last_advance = run_started
         stop_sent_at: float | None = None
         killed = False
+        next_poll = run_started
+        output_fd = self._output_fd()
         with selectors.DefaultSelector() as sel:
+            if output_fd is not None:
+                sel.register(output_fd, selectors.EVENT_READ, "output")
             sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
             sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
             sel.register(self._wake_r, selectors.EVENT_READ, "wake")
@@ -266,12 +275,17 @@ class Recorder(threading.Thread):
                         return "no media from the camera"
                 timeout = max(0.05, deadline - now)
                 if self.poll_seconds is not None:
-                    self._poll_output()
-                    timeout = min(timeout, self.poll_seconds)
+                    if now >= next_poll:
+                        self._poll_output()
+                        next_poll = now + self.poll_seconds
+                    timeout = min(timeout, max(0.0, next_poll - now))
                 for key, _ in sel.select(timeout=timeout):
                     if key.data == "wake":
                         with contextlib.suppress(OSError):
                             os.read(self._wake_r, 64)
+                        continue
+                    if key.data == "output":
+                        self._poll_output()
                         continue
                     fd = key.fd
                     chunk = os.read(fd, 65536)

@@ -41,6 +41,46 @@ _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int6
 _fallocate.restype = ctypes.c_int
 
 
+_inotify_init1 = _libc.inotify_init1
+_inotify_init1.argtypes = [ctypes.c_int]
+_inotify_add_watch = _libc.inotify_add_watch
+_inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+IN_MODIFY = 0x00000002
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+
+
+class WriteWatch:
+    """A file descriptor that becomes readable when a file in `directory` is written (inotify).
+
+    The ring's thread sleeps on it instead of polling the growing file on a timer: it wakes when
+    FFmpeg writes a fragment (the kernel merges the events of one fragment's writes while they are
+    unread), so a segment is cut the moment it is complete, at no cost in between. OSError where
+    inotify is not available (the ring then polls on a timer).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        fd = _inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if fd < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"inotify: {os.strerror(code)}")
+        if _inotify_add_watch(fd, os.fsencode(directory), IN_MODIFY) < 0:
+            code = ctypes.get_errno()
+            os.close(fd)
+            raise OSError(code, f"inotify on {directory}: {os.strerror(code)}")
+        self.fd = fd
+
+    def drain(self) -> None:
+        """Read the pending events (their content does not matter: the cutter looks at the file)."""
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.fd, 65536):
+                pass
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
 def punch_hole(fd: int, offset: int, length: int) -> None:
     """Free the blocks of [offset, offset + length) of an open file, keeping its size; OSError if not."""
     if length > 0 and _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
