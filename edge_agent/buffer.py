@@ -124,7 +124,7 @@ class CameraBuffer(Recorder):
                      self.spec.camera_id, self.spec.segment_dir)  # fmt: skip
         else:
             try:
-                self._watch = WriteWatch(self.spec.segment_dir)
+                self._watch = WriteWatch()
             except OSError as exc:
                 log.info("buffer of %s: %s; the ring is looked at every %g s", self.spec.camera_id, exc,
                          CUT_POLL_SECONDS_UNWATCHED)  # fmt: skip
@@ -169,7 +169,8 @@ class CameraBuffer(Recorder):
             return super()._argv(mode, segment_list_fd)
         spec = self.spec
         source = spec.segment_dir / ffmpeg.RING_FILE
-        self._cutter = RingCutter(source, spec.segment_dir, spec.segment_seconds, self._next_segment_number())
+        self._cutter = RingCutter(source, spec.segment_dir, spec.segment_seconds, self._next_segment_number(),
+                                  make_room=self._make_room, watch=self._watch)  # fmt: skip
         return ffmpeg.ring_argv(spec.ffmpeg, self._stream, source, mode=mode, segment_seconds=spec.segment_seconds,
                                 preset=spec.preset, stats_period_s=spec.stats_period)  # fmt: skip
 
@@ -195,8 +196,9 @@ class CameraBuffer(Recorder):
 
     def _closed(self, cuts: list[Cut]) -> None:
         for cut in cuts:
-            path = self.spec.segment_dir / cut.name
-            self._on_event(SegmentClosed(self.spec.task_id, path, cut.media_end - cut.media_start, cut.media_end))
+            seconds = cut.media_end - cut.media_start
+            self._add(self.spec.segment_dir / cut.name, seconds, *self._wall_end(time.time(), cut.media_end),
+                      size=cut.size)  # fmt: skip
 
     def _make_durable(self, names: list[str]) -> None:
         """Nothing: see `flush_packets` (and a ring running for months keeps no per-segment state)."""
@@ -215,11 +217,24 @@ class CameraBuffer(Recorder):
         offset = min(self._offsets)
         return offset + media_end, (offset - before if before is not None and offset < before else 0.0)
 
-    def _add(self, path: Path, seconds: float, end: float, shift: float = 0.0) -> None:
-        try:
-            size = path.stat().st_size
-        except OSError:
-            return
+    def _make_room(self, incoming: int) -> None:
+        """Drop the oldest segments until one of `incoming` bytes fits under the cap (the newest stays)."""
+        expired = []
+        with self._lock:
+            while len(self._ring) > 1 and self._bytes + incoming > self.max_bytes:
+                old = self._ring.popleft()
+                self._bytes -= old.size
+                expired.append(old)
+        for old in expired:
+            with contextlib.suppress(OSError):
+                old.path.unlink()
+
+    def _add(self, path: Path, seconds: float, end: float, shift: float = 0.0, size: int | None = None) -> None:
+        if size is None:
+            try:
+                size = path.stat().st_size
+            except OSError:
+                return
         seg = BufferedSegment(path, end - seconds, end, size, self._run, self._clock)
         with self._lock:
             if shift:

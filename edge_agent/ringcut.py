@@ -23,6 +23,7 @@ import ctypes
 import errno
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +52,7 @@ IN_CLOEXEC = os.O_CLOEXEC
 
 
 class WriteWatch:
-    """A file descriptor that becomes readable when a file in `directory` is written (inotify).
+    """A file descriptor that becomes readable when a watched file is written (inotify).
 
     The ring's thread sleeps on it instead of polling the growing file on a timer: it wakes when
     FFmpeg writes a fragment (the kernel merges the events of one fragment's writes while they are
@@ -59,22 +60,24 @@ class WriteWatch:
     inotify is not available (the ring then polls on a timer).
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self) -> None:
         fd = _inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if fd < 0:
             code = ctypes.get_errno()
             raise OSError(code, f"inotify: {os.strerror(code)}")
-        if _inotify_add_watch(fd, os.fsencode(directory), IN_MODIFY) < 0:
-            code = ctypes.get_errno()
-            os.close(fd)
-            raise OSError(code, f"inotify on {directory}: {os.strerror(code)}")
         self.fd = fd
 
+    def watch(self, path: Path) -> None:
+        """Wake on writes to `path` too (a watch goes by itself when its file is removed)."""
+        if _inotify_add_watch(self.fd, os.fsencode(path), IN_MODIFY) < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"inotify on {path}: {os.strerror(code)}")
+
     def drain(self) -> None:
-        """Read the pending events (their content does not matter: the cutter looks at the file)."""
+        """Read the pending events (their content does not matter: the cutter looks at the file).
+        One read takes them all: they are 16 bytes and the same one merged."""
         with contextlib.suppress(BlockingIOError):
-            while os.read(self.fd, 65536):
-                pass
+            os.read(self.fd, 65536)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -109,11 +112,12 @@ def punch_supported(directory: Path) -> bool:
 
 @dataclass(frozen=True)
 class Cut:
-    """One segment file written: its name and its span in the run's media time (seconds)."""
+    """One segment file written: its name, its span in the run's media time (seconds), its bytes."""
 
     name: str
     media_start: float
     media_end: float
+    size: int
 
 
 class RingCutter:
@@ -123,8 +127,16 @@ class RingCutter:
     FFmpeg has exited (the fragments written so far become the last segment, the file is removed).
     """
 
-    def __init__(self, source: Path, segment_dir: Path, segment_seconds: float, first_number: int) -> None:
+    def __init__(
+        self, source: Path, segment_dir: Path, segment_seconds: float, first_number: int,
+        make_room: Callable[[int], None] | None = None, watch: WriteWatch | None = None,
+    ) -> None:  # fmt: skip
+        """`make_room(bytes)` runs before each segment file is written, so a ring can drop old segments
+        first and never hold more than its cap, even for the moment the new one is written. `watch`
+        is told to watch the source once FFmpeg has created it."""
         self.source = source
+        self._make_room = make_room
+        self._watch = watch
         self.segment_dir = segment_dir
         self.segment_seconds = segment_seconds
         self.number = first_number  # of the next segment written
@@ -143,6 +155,8 @@ class RingCutter:
                 self._fd = os.open(self.source, os.O_RDWR | os.O_CLOEXEC)
             except FileNotFoundError:
                 return []  # FFmpeg has not opened its output yet
+            if self._watch is not None:
+                self._watch.watch(self.source)
         size = os.fstat(self._fd).st_size
         cuts: list[Cut] = []
         while True:
@@ -230,17 +244,19 @@ class RingCutter:
         mdat_at = self._pos + moof_size
         if size - mdat_at < 8:
             return None
-        moof = os.pread(self._fd, moof_size, self._pos)
-        saved, self._pos = self._pos, mdat_at
-        try:
-            header = self._header(size)
-        finally:
-            self._pos = saved
-        if header is None:
-            return None
-        kind, mdat_size = header
+        data = os.pread(self._fd, moof_size + 16, self._pos)  # the moof and the mdat's header
+        moof = data[:moof_size]
+        mdat_size, kind = struct.unpack_from(">I4s", data, moof_size)
         if kind != b"mdat":
             raise Mp4Error(f"moof at byte {self._pos} of the ring's stream not followed by mdat")
+        if mdat_size == 1:
+            if len(data) < moof_size + 16:
+                return None
+            mdat_size = struct.unpack_from(">Q", data, moof_size + 8)[0]
+        if mdat_size < 8 or mdat_size > MAX_MDAT_BYTES:
+            raise Mp4Error(f"mdat at byte {mdat_at} of the ring's stream has an impossible size ({mdat_size})")
+        if mdat_at + mdat_size > size:
+            return None
         return parse_fragment(moof, self._pos, mdat_at, mdat_size, self._track)
 
     # -- writing ---------------------------------------------------------------------------------
@@ -250,6 +266,8 @@ class RingCutter:
         assert self._fd is not None and self._init is not None and self._track is not None
         first, last = self._pending[0], self._pending[-1]
         end = last.mdat_offset + last.mdat_size
+        if self._make_room is not None:
+            self._make_room(len(self._init) + end - self._pending_from)
         name = f"seg_{self.number:06d}.mp4"
         self.number += 1
         path = self.segment_dir / name
@@ -260,7 +278,8 @@ class RingCutter:
         finally:
             os.close(out)
         scale = self._track.timescale
-        cut = Cut(name, first.decode_time / scale, (last.decode_time + last.duration) / scale)
+        size = len(self._init) + end - self._pending_from
+        cut = Cut(name, first.decode_time / scale, (last.decode_time + last.duration) / scale, size)
         self._pending = []
         release_to = end // PAGE * PAGE
         if release_to > self._punched:
