@@ -58,12 +58,22 @@ PATTERN = "smpte horizontal-speed=4"  # moving bars: about 1 Mbit/s at 720p
 
 
 def ring_bytes(ring: Path) -> tuple[int, int]:
-    """(bytes of the closed segments, bytes of all, what FFmpeg is writing included).
+    """(bytes of the ring on disk, the same): what its files hold in blocks.
 
-    The agent cuts the ring itself (edge_agent.ringcut): every ``seg_*`` is closed and FFmpeg writes
-    ``ring.mp4``, whose blocks (not its size: the cut part is a hole) are the open part. With FFmpeg's
-    segment muxer (a file system without holes), the newest segment is the one being written.
+    The agent cuts the ring itself (edge_agent.ringcut): its segments are byte ranges of FFmpeg's
+    ``ring_*.mp4`` run files, and dropped ones are punched out, so the blocks (not the sizes) are
+    what the ring holds. With FFmpeg's segment muxer (a file system without holes) it is the
+    ``seg_*`` files; the newest is the one being written (the first figure leaves it out).
     """
+    runs = list(ring.glob(ffmpeg.RING_FILE_GLOB))
+    if runs:
+        held = 0
+        for p in runs:
+            try:
+                held += p.stat().st_blocks * 512
+            except OSError:  # removed while we looked
+                pass
+        return held, held
     sizes: dict[str, int] = {}
     for p in ring.glob("seg_*"):
         try:
@@ -71,12 +81,19 @@ def ring_bytes(ring: Path) -> tuple[int, int]:
         except OSError:  # pruned while we looked
             pass
     total = sum(sizes.values())
-    try:
-        growing = (ring / ffmpeg.RING_FILE).stat().st_blocks * 512
-    except OSError:  # the segment muxer's form, or between two runs
-        newest = max(sizes, default=None)  # names sort by number: the newest is the one being written
-        return total - (sizes[newest] if newest else 0), total
-    return total, total + growing
+    newest = max(sizes, default=None)  # names sort by number: the newest is the one being written
+    return total - (sizes[newest] if newest else 0), total
+
+
+def files(ring: Path) -> list[tuple[str, int]]:
+    """(name, bytes held) of the ring's files: blocks, since run files are sparse."""
+    out = []
+    for p in ring.iterdir():
+        try:
+            out.append((p.name, p.stat().st_blocks * 512))
+        except OSError:
+            pass
+    return out
 
 
 class ByteWatch(threading.Thread):
@@ -98,8 +115,7 @@ class ByteWatch(threading.Thread):
                 self.max_total[str(ring)] = max(self.max_total[str(ring)], total)
                 if size > self.max_seen[str(ring)]:
                     self.max_seen[str(ring)] = size
-                    self.worst_files[str(ring)] = sorted((p.name, p.stat().st_size) for p in ring.glob("seg_*")
-                                                         if p.exists())  # fmt: skip
+                    self.worst_files[str(ring)] = sorted(files(ring))
             self.samples += 1
 
 

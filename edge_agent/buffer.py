@@ -32,7 +32,6 @@ import dataclasses
 import logging
 import os
 import queue
-import shutil
 import stat
 import threading
 import time
@@ -56,7 +55,7 @@ from edge_agent.recording import (
     RecordingSpec,
     SegmentClosed,
 )
-from edge_agent.ringcut import Cut, RingCutter, WriteWatch, punch_supported
+from edge_agent.ringcut import Cut, RingCutter, RunFile, WriteWatch, punch_supported
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +69,8 @@ CLOCK_WINDOW = 30  # segments (a minute at 2 s) over which a run's media-to-wall
 
 @dataclass(frozen=True)
 class BufferedSegment:
-    path: Path
+    file: RunFile  # it is the bytes [offset, offset + size) of this file (a segment file: all of it)
+    offset: int
     start: float  # wall clock (epoch seconds) of its first frame
     end: float  # ... and of its end
     size: int
@@ -102,7 +102,8 @@ class CameraBuffer(Recorder):
         self.live = threading.Event()  # media arrived in the last run (cleared when FFmpeg ends)
         self.cut_by_agent = True  # see edge_agent.ringcut; False: FFmpeg's segment muxer cuts
         self._cutter: RingCutter | None = None  # of the FFmpeg run in progress
-        self._watch: WriteWatch | None = None  # of the ring directory, while the buffer runs
+        self._watch: WriteWatch | None = None  # of the run's file, while the buffer runs
+        self._runs = 0  # FFmpeg runs so far: each writes its own file
 
     # -- the buffer's thread ------------------------------------------------------------------------
 
@@ -144,6 +145,12 @@ class CameraBuffer(Recorder):
         finally:
             if self._watch is not None:
                 self._watch.close()
+            with self._lock:
+                files = {id(seg.file): seg.file for seg in self._ring}
+                self._ring.clear()
+                self._bytes = 0
+            for file in files.values():
+                file.close()
             for fd in (self._wake_r, self._wake_w):
                 with contextlib.suppress(OSError):
                     os.close(fd)
@@ -160,17 +167,21 @@ class CameraBuffer(Recorder):
                 self._clock += 1
                 with self._lock:
                     self._run += 1
-            case SegmentClosed(path=path, seconds=seconds, media_end=media_end):
+            case SegmentClosed(path=path, seconds=seconds, media_end=media_end):  # the segment muxer's
                 self._segment_seconds.pop(path.name, None)  # the recorder's per-segment note: not for a ring
-                self._add(path, seconds, *self._wall_end(time.time(), media_end))
+                try:
+                    file = RunFile.whole(path)
+                except OSError:
+                    return
+                self._add(file, 0, file.size, seconds, *self._wall_end(time.time(), media_end))
 
     def _argv(self, mode: Literal["copy", "transcode"], segment_list_fd: int) -> list[str]:
         if not self.cut_by_agent:
             return super()._argv(mode, segment_list_fd)
         spec = self.spec
-        source = spec.segment_dir / ffmpeg.RING_FILE
-        self._cutter = RingCutter(source, spec.segment_dir, spec.segment_seconds, self._next_segment_number(),
-                                  make_room=self._make_room, watch=self._watch)  # fmt: skip
+        self._runs += 1
+        source = spec.segment_dir / (ffmpeg.RING_FILE_PATTERN % self._runs)
+        self._cutter = RingCutter(source, spec.segment_seconds, watch=self._watch)
         return ffmpeg.ring_argv(spec.ffmpeg, self._stream, source, mode=mode, segment_seconds=spec.segment_seconds,
                                 preset=spec.preset, stats_period_s=spec.stats_period)  # fmt: skip
 
@@ -197,8 +208,7 @@ class CameraBuffer(Recorder):
     def _closed(self, cuts: list[Cut]) -> None:
         for cut in cuts:
             seconds = cut.media_end - cut.media_start
-            self._add(self.spec.segment_dir / cut.name, seconds, *self._wall_end(time.time(), cut.media_end),
-                      size=cut.size)  # fmt: skip
+            self._add(cut.file, cut.offset, cut.length, seconds, *self._wall_end(time.time(), cut.media_end))
 
     def _make_durable(self, names: list[str]) -> None:
         """Nothing: see `flush_packets` (and a ring running for months keeps no per-segment state)."""
@@ -217,25 +227,8 @@ class CameraBuffer(Recorder):
         offset = min(self._offsets)
         return offset + media_end, (offset - before if before is not None and offset < before else 0.0)
 
-    def _make_room(self, incoming: int) -> None:
-        """Drop the oldest segments until one of `incoming` bytes fits under the cap (the newest stays)."""
-        expired = []
-        with self._lock:
-            while len(self._ring) > 1 and self._bytes + incoming > self.max_bytes:
-                old = self._ring.popleft()
-                self._bytes -= old.size
-                expired.append(old)
-        for old in expired:
-            with contextlib.suppress(OSError):
-                old.path.unlink()
-
-    def _add(self, path: Path, seconds: float, end: float, shift: float = 0.0, size: int | None = None) -> None:
-        if size is None:
-            try:
-                size = path.stat().st_size
-            except OSError:
-                return
-        seg = BufferedSegment(path, end - seconds, end, size, self._run, self._clock)
+    def _add(self, file: RunFile, offset: int, size: int, seconds: float, end: float, shift: float = 0.0) -> None:
+        seg = BufferedSegment(file, offset, end - seconds, end, size, self._run, self._clock)
         with self._lock:
             if shift:
                 for i, old in enumerate(self._ring):
@@ -255,8 +248,7 @@ class CameraBuffer(Recorder):
                 self._bytes -= old.size
                 expired.append(old)
         for old in expired:
-            with contextlib.suppress(OSError):
-                old.path.unlink()
+            old.file.release(old.offset + old.size)
 
     def stop(self, timeout: float = 15.0) -> None:
         self.request_stop()
@@ -276,10 +268,13 @@ class CameraBuffer(Recorder):
         with self._lock, contextlib.suppress(ValueError):
             self._subscribers.remove(sub)
 
-    def newest(self) -> BufferedSegment | None:
-        """The newest closed segment (a snapshot's source), or None when the ring is empty."""
+    def newest(self) -> tuple[bytes, float] | None:
+        """The newest segment as the bytes of an MP4 file and the time of its first frame (a
+        snapshot's source), or None when the ring is empty."""
         with self._lock:
-            return self._ring[-1] if self._ring else None
+            seg = self._ring[-1] if self._ring else None
+        data = seg.file.read(seg.offset, seg.size) if seg is not None else None
+        return (data, seg.start) if data is not None and seg is not None else None
 
     def holds(self) -> tuple[float, float] | None:
         """(first, last) wall-clock second the ring holds now, or None when it is empty."""
@@ -387,9 +382,15 @@ class BufferedRecorder(threading.Thread):
         """Copy one ring segment to the task's segment directory, durably, then report it."""
         name = ffmpeg.SEGMENT_PATTERN % len(self._copied)
         dest = self.spec.segment_dir / name
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            shutil.copyfile(seg.path, dest)
-        except FileNotFoundError:  # pruned before we got to it (a very slow disk): skip, counted as a gap
+            copied = seg.file.copy(fd, seg.offset, seg.size)
+        except OSError as exc:
+            raise RecordingError(f"cannot copy from the ring to {dest}: {exc}") from None
+        finally:
+            os.close(fd)
+        if not copied:  # dropped from the ring before we got to it (a very slow disk): a gap
+            dest.unlink()
             self.interruptions += 1
             return
         durable.fsync_file(dest)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import logging
 import queue
@@ -232,6 +233,10 @@ def run_agent(cfg: AgentConfig, redactor: RedactingFormatter, local_raw: dict[st
     started = time.monotonic()
     watchdog = start_watchdog(events, stopping)
     health_file = start_health_file(events, stopping, link)
+    # Everything made so far (modules, models, the configuration) lives as long as the agent: move it
+    # out of the cycle collector's reach, so its collections walk only what was made since (in a 15 s
+    # perf profile of an agent with 16 buffered cameras, the collector was half of its CPU).
+    gc.freeze()
     notify.ready()
     notify.status(f"device {cfg.device_id}: {len(cfg.cameras)} camera(s), storage {cfg.storage.type}")
     try:

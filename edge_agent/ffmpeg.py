@@ -34,7 +34,8 @@ FRAGMENTED_MP4_OPTIONS = "movflags=+frag_keyframe+empty_moov+default_base_moof:f
 RING_MP4_OPTIONS = FRAGMENTED_MP4_OPTIONS.removesuffix(":flush_packets=1")
 # A ring's one growing file (`ring_argv`): a fragment at every keyframe only (fewer fragments, and
 # the mov muxer keeps about 50 bytes per fragment for its index until the run ends).
-RING_FILE = "ring.mp4"
+RING_FILE_PATTERN = "ring_%06d.mp4"  # one per FFmpeg run
+RING_FILE_GLOB = "ring_*.mp4"
 RING_MOVFLAGS = "+frag_keyframe+empty_moov+default_base_moof"
 # pix_fmts that every browser's H.264 decoder plays (yuvj420p is full-range yuv420p).
 BROWSER_PIX_FMTS = frozenset({"yuv420p", "yuvj420p"})
@@ -253,9 +254,13 @@ def concat_list(segments: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def snapshot_argv(ffmpeg: str, source: StreamInput | Path) -> list[str]:
-    """One JPEG of the first frame of a camera (one-shot grab) or of a ring segment, on stdout."""
-    inputs = source.input_options() if isinstance(source, StreamInput) else ["-i", str(source)]
+def snapshot_argv(ffmpeg: str, source: StreamInput | Path | bytes) -> list[str]:
+    """One JPEG of the first frame of a camera (one-shot grab), of a file, or of an MP4 file given on
+    stdin (`bytes`: a ring segment), on stdout."""
+    if isinstance(source, StreamInput):
+        inputs = source.input_options()
+    else:
+        inputs = ["-f", "mp4", "-i", "pipe:0"] if isinstance(source, bytes) else ["-i", str(source)]
     return [
         ffmpeg, "-hide_banner", "-loglevel", "error", "-nostdin", *inputs,
         "-map", "0:v:0", "-frames:v", "1", "-c:v", "mjpeg", "-q:v", "3", "-f", "image2", "pipe:1",

@@ -393,7 +393,8 @@ def kill_orphans(segment_dir: Path, grace: float = 3.0) -> list[int]:
     agent's death costs no media; SIGKILL after `grace` seconds. Matching on the segment path in
     argv is safe against PID reuse.
     """
-    needles = {str(segment_dir / name).encode() for name in (ffmpeg.SEGMENT_PATTERN, ffmpeg.RING_FILE)}
+    needle = str(segment_dir / ffmpeg.SEGMENT_PATTERN).encode()
+    ring = str(segment_dir / ffmpeg.RING_FILE_GLOB).encode().partition(b"*")
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -402,7 +403,7 @@ def kill_orphans(segment_dir: Path, grace: float = 3.0) -> list[int]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if needles.intersection(argv):
+        if needle in argv or any(a.startswith(ring[0]) and a.endswith(ring[2]) for a in argv):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(int(entry.name), signal.SIGTERM)
                 found.append(int(entry.name))

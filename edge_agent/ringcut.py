@@ -3,17 +3,19 @@
 FFmpeg's segment muxer costs about 10 % more CPU than the same copy into one file (it formats seven
 timestamps per packet for a debug message nobody reads, and builds a muxer per segment:
 `docs/results/perf_ring_vs_plain_20261206.txt`). For a ring, FFmpeg therefore writes ONE
-fragmented MP4 (a fragment at every keyframe) and `RingCutter`, polled on the buffer's thread,
-reads the new complete fragments from the growing file (box headers and `moof`s only: a few reads
-of a few hundred bytes a second) and, as soon as the fragments gathered make a segment long enough
-(every fragment starts at a keyframe), writes that segment as its own file: the run's
-`ftyp`+`moov`, then its fragments, copied by the kernel (`copy_file_range`). The segment files are
-what the segment muxer wrote (each a fragmented MP4 that `edge_agent.fmp4join` joins), so
-everything downstream is unchanged.
+fragmented MP4 per run (a fragment at every keyframe, written whole when the next keyframe
+arrives) and `RingCutter`, woken by inotify when the file is written, reads the new complete
+fragments (box headers and `moof`s only: a few hundred bytes a second) and, as soon as the fragments
+gathered make a segment long enough, reports that segment: a byte range of the run's file.
 
-The bytes cut out are then released from the growing file by punching a hole in it
-(`fallocate(PUNCH_HOLE)`): its size grows, its blocks do not. A file system that cannot punch holes
-(FAT on an SD card) keeps the segment muxer (`punch_supported`).
+Nothing is copied while the ring runs. A segment becomes a file only when something needs it: a
+task copies its segments into its own directory (`RunFile.copy`: the run's `ftyp`+`moov`, then the
+range, by the kernel), which is exactly the fragmented MP4 the segment muxer wrote, so the join and
+everything after it are unchanged. A segment dropped from the ring is released by punching a hole
+in the run's file (`fallocate(PUNCH_HOLE)`): the file's size grows, its blocks do not. The file is
+closed and removed once its run has ended and its last segment is dropped. A file system that
+cannot punch holes (FAT on an SD card) keeps the segment muxer (`punch_supported`); its segment
+files are then `RunFile.whole`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import ctypes
 import errno
 import os
 import struct
-from collections.abc import Callable
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,43 +112,124 @@ def punch_supported(directory: Path) -> bool:
             probe.unlink()
 
 
+class RunFile:
+    """One FFmpeg run's file, read by the ring's segments (byte ranges of it) until the last is dropped.
+
+    Shared by the buffer's thread (which cuts and drops segments) and task threads (which copy
+    them): every change is under its lock, and bytes being copied are released only after the copy.
+    """
+
+    def __init__(self, path: Path, fd: int, init: bytes = b"", end: int | None = None) -> None:
+        self.path = path
+        self.init = init  # the run's ftyp + moov, written before a range to make it a file
+        self._fd = fd
+        self._lock = threading.Lock()
+        self._readers = 0
+        self._released = 0  # bytes before this offset are no longer needed
+        self._punched = 0  # ... and have been freed, to this page
+        self._end = end  # no segment beyond this offset (set when the run has ended)
+        self._closed = False
+        self.size = 0  # of a whole segment file (`whole`)
+
+    @classmethod
+    def whole(cls, path: Path) -> RunFile:
+        """A segment file FFmpeg's segment muxer wrote, as a run file of one segment; OSError if gone."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        size = os.fstat(fd).st_size
+        file = cls(path, fd, end=size)
+        file.size = size
+        return file
+
+    def copy(self, dst: int, offset: int, length: int) -> bool:
+        """Write the segment at [offset, offset + length) to `dst` as a file of its own; False if the
+        segment has been dropped from the ring meanwhile (nothing written then)."""
+        with self._lock:
+            if self._closed or offset < self._released:
+                return False
+            self._readers += 1
+        try:
+            if self.init:
+                os.write(dst, self.init)
+            _copy_range(self._fd, dst, offset, length)
+        finally:
+            with self._lock:
+                self._readers -= 1
+                self._settle()
+        return True
+
+    def read(self, offset: int, length: int) -> bytes | None:
+        """The segment at [offset, offset + length) as the bytes of a file of its own, or None if dropped."""
+        with self._lock:
+            if self._closed or offset < self._released:
+                return None
+            return self.init + os.pread(self._fd, length, offset)
+
+    def release(self, end: int) -> None:
+        """Segments before `end` are dropped: free their bytes (and the file, after its last one)."""
+        with self._lock:
+            self._released = max(self._released, end)
+            self._settle()
+
+    def ended(self, end: int) -> None:
+        """The run has ended; its last segment ends at `end` (0: it made none)."""
+        with self._lock:
+            self._end = end
+            self._settle()
+
+    def close(self) -> None:
+        """Close and remove it now (the buffer is stopping); copies not begun yet then find it gone."""
+        with self._lock:
+            self._released = max(self._released, self._end or 0)
+            self._end = self._released
+            self._settle()
+
+    def _settle(self) -> None:
+        if self._closed or self._readers:
+            return
+        if self._end is not None and self._released >= self._end:
+            self._closed = True
+            os.close(self._fd)
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            return
+        to = self._released // PAGE * PAGE
+        if to > self._punched:
+            with contextlib.suppress(OSError):  # checked by punch_supported; a failure costs space only
+                punch_hole(self._fd, self._punched, to - self._punched)
+            self._punched = to
+
+
 @dataclass(frozen=True)
 class Cut:
-    """One segment file written: its name, its span in the run's media time (seconds), its bytes."""
+    """One segment: a byte range of a run's file, and its span in the run's media time (seconds)."""
 
-    name: str
+    file: RunFile
+    offset: int
+    length: int
     media_start: float
     media_end: float
-    size: int
 
 
 class RingCutter:
-    """Reads one FFmpeg run's growing fragmented MP4 and cuts it into segment files (module docstring).
+    """Reads one FFmpeg run's growing fragmented MP4 and cuts it into segments (module docstring).
 
     Not thread-safe: owned by the thread that polls it. `poll()` after the file grew; `finish()` once
-    FFmpeg has exited (the fragments written so far become the last segment, the file is removed).
+    FFmpeg has exited (the fragments written so far become the last segment).
     """
 
-    def __init__(
-        self, source: Path, segment_dir: Path, segment_seconds: float, first_number: int,
-        make_room: Callable[[int], None] | None = None, watch: WriteWatch | None = None,
-    ) -> None:  # fmt: skip
-        """`make_room(bytes)` runs before each segment file is written, so a ring can drop old segments
-        first and never hold more than its cap, even for the moment the new one is written. `watch`
-        is told to watch the source once FFmpeg has created it."""
+    def __init__(self, source: Path, segment_seconds: float, watch: WriteWatch | None = None) -> None:
+        """`watch` is told to watch the source once FFmpeg has created it."""
         self.source = source
-        self._make_room = make_room
-        self._watch = watch
-        self.segment_dir = segment_dir
         self.segment_seconds = segment_seconds
-        self.number = first_number  # of the next segment written
+        self._watch = watch
+        self._file: RunFile | None = None
         self._fd: int | None = None
         self._pos = 0  # the next box to read
         self._init: bytes | None = None  # ftyp + moov of this run
         self._track: Track | None = None
         self._pending: list[Fragment] = []  # complete fragments of the segment being gathered
         self._pending_from = 0  # file offset of the first pending fragment's moof
-        self._punched = 0  # bytes before this offset have been released
+        self._cut_to = 0  # the end of the last segment cut
 
     def poll(self) -> list[Cut]:
         """The segments completed by what FFmpeg wrote since the last poll (usually none or one)."""
@@ -155,6 +238,7 @@ class RingCutter:
                 self._fd = os.open(self.source, os.O_RDWR | os.O_CLOEXEC)
             except FileNotFoundError:
                 return []  # FFmpeg has not opened its output yet
+            self._file = RunFile(self.source, self._fd)
             if self._watch is not None:
                 self._watch.watch(self.source)
         size = os.fstat(self._fd).st_size
@@ -187,7 +271,8 @@ class RingCutter:
                 cuts.append(self._cut())
 
     def finish(self) -> list[Cut]:
-        """FFmpeg has exited: what it wrote completely since the last segment is the last segment."""
+        """FFmpeg has exited: what it wrote completely since the last segment is the last segment.
+        The run's file stays while the ring holds segments of it."""
         cuts: list[Cut] = []
         try:
             with contextlib.suppress(Mp4Error):  # a killed FFmpeg leaves its last fragment cut short
@@ -195,16 +280,21 @@ class RingCutter:
             if self._pending:
                 cuts.append(self._cut())
         finally:
-            self.close()
+            self._ended()
         return cuts
 
     def close(self) -> None:
-        """Release the growing file (removed: the ring keeps only the segments cut from it)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        with contextlib.suppress(OSError):
-            self.source.unlink()
+        """Give up on this run (its stream cannot be read): no more segments from it."""
+        self._ended()
+
+    def _ended(self) -> None:
+        if self._file is not None:
+            self._file.ended(self._cut_to)
+            self._file = None
+        elif self._fd is None:
+            with contextlib.suppress(OSError):
+                self.source.unlink()
+        self._fd = None
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -236,6 +326,8 @@ class RingCutter:
         moov = data[self._pos :]
         self._track = read_track(moov[header_len(moov) :])
         self._init = data
+        assert self._file is not None
+        self._file.init = data
         self._pos = end
 
     def _next_fragment(self, moof_size: int, size: int) -> Fragment | None:
@@ -259,33 +351,18 @@ class RingCutter:
             return None
         return parse_fragment(moof, self._pos, mdat_at, mdat_size, self._track)
 
-    # -- writing ---------------------------------------------------------------------------------
+    # -- cutting ---------------------------------------------------------------------------------
 
     def _cut(self) -> Cut:
-        """Write the pending fragments as the next segment file, then release their bytes."""
-        assert self._fd is not None and self._init is not None and self._track is not None
+        """The pending fragments as the next segment."""
+        assert self._file is not None and self._track is not None
         first, last = self._pending[0], self._pending[-1]
         end = last.mdat_offset + last.mdat_size
-        if self._make_room is not None:
-            self._make_room(len(self._init) + end - self._pending_from)
-        name = f"seg_{self.number:06d}.mp4"
-        self.number += 1
-        path = self.segment_dir / name
-        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(out, self._init)
-            _copy_range(self._fd, out, self._pending_from, end - self._pending_from)
-        finally:
-            os.close(out)
         scale = self._track.timescale
-        size = len(self._init) + end - self._pending_from
-        cut = Cut(name, first.decode_time / scale, (last.decode_time + last.duration) / scale, size)
+        cut = Cut(self._file, self._pending_from, end - self._pending_from, first.decode_time / scale,
+                  (last.decode_time + last.duration) / scale)  # fmt: skip
         self._pending = []
-        release_to = end // PAGE * PAGE
-        if release_to > self._punched:
-            with contextlib.suppress(OSError):  # checked by punch_supported; a failure only costs space
-                punch_hole(self._fd, self._punched, release_to - self._punched)
-            self._punched = release_to
+        self._cut_to = end
         return cut
 
 

@@ -114,12 +114,14 @@ def store_keeper(store: SnapshotStore, device_id: str, camera: str, bucket: str,
     return to_store
 
 
-def grab(ffmpeg_bin: str, source: ffmpeg.StreamInput | Path, timeout: float, secrets: tuple[str, ...]) -> bytes:
-    """The JPEG bytes; ValueError naming the problem (FFmpeg's error, redacted) if there are none."""
+def grab(ffmpeg_bin: str, source: ffmpeg.StreamInput | Path | bytes, timeout: float,
+         secrets: tuple[str, ...]) -> bytes:  # fmt: skip
+    """The JPEG bytes; ValueError naming the problem (FFmpeg's error, redacted) if there are none.
+    `source`: a camera, a file, or the bytes of an MP4 file (a ring segment, given on stdin)."""
     try:
         out = subprocess.run(
             ffmpeg.snapshot_argv(ffmpeg_bin, source), capture_output=True, timeout=timeout, check=False,
-            stdin=subprocess.DEVNULL, env=ffmpeg.child_env(),
+            input=source if isinstance(source, bytes) else b"", env=ffmpeg.child_env(),
         )  # fmt: skip
     except subprocess.TimeoutExpired:
         raise ValueError(f"no frame within {timeout:g} s") from None
@@ -130,7 +132,7 @@ def grab(ffmpeg_bin: str, source: ffmpeg.StreamInput | Path, timeout: float, sec
     return jpeg
 
 
-def take_async(camera_id: str, ffmpeg_bin: str, source: ffmpeg.StreamInput | Path, frame_time: float | None,
+def take_async(camera_id: str, ffmpeg_bin: str, source: ffmpeg.StreamInput | Path | bytes, frame_time: float | None,
                timeout: float, secrets: tuple[str, ...], post: Callable[[SnapshotTaken], None],
                keep: Keeper | None = None) -> threading.Thread:  # fmt: skip
     """Grab on a thread of its own, keep the JPEG if asked (`keep`), and post the result. `frame_time`:
@@ -190,9 +192,9 @@ class Snapshots:
         self._pending[camera] = (cmd, ev)
         buffer = self._tasks.buffers.get(camera)
         newest = buffer.newest() if buffer is not None else None
-        source = newest.path if newest is not None else self.cfg.stream_input(camera)
+        source = newest[0] if newest is not None else self.cfg.stream_input(camera)
         keep = self._keeper(camera) if cmd.upload else None
-        take_async(camera, tools[0], source, newest.start if newest is not None else None,
+        take_async(camera, tools[0], source, newest[1] if newest is not None else None,
                    self.cfg.recording.probe_timeout_seconds, self._secrets, self._post, keep)  # fmt: skip
 
     def _keeper(self, camera: str) -> Keeper:

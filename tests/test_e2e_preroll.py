@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import subprocess
 import time
 from collections import Counter
@@ -26,6 +27,8 @@ import framestamp
 import pytest
 from parts import CameraSim, ffprobe_info
 from rig import DEVICE, Rig, download, make_rig, minio_storage
+
+from edge_agent import ffmpeg, fmp4
 
 pytestmark = pytest.mark.integration
 
@@ -51,11 +54,35 @@ def buffered_rig(tmp_path: Path, broker, probe, prefix, make_agent, camera) -> R
 
 
 def wait_ring(ring: Path, seconds: float, timeout: float = 40) -> None:
-    """Until the ring holds at least `seconds` of closed segments (each 2 s)."""
+    """Until the ring holds at least `seconds` of media plus two segments."""
     deadline = time.monotonic() + timeout
-    while len(list(ring.glob("seg_*.mp4"))) < seconds / BUFFER_SEGMENT + 2:
+    while ring_seconds(ring) < seconds + 2 * BUFFER_SEGMENT:
         assert time.monotonic() < deadline, f"the ring never filled: {sorted(p.name for p in ring.glob('*'))}"
         time.sleep(0.25)
+
+
+def ring_seconds(ring: Path) -> float:
+    """Seconds of complete fragments in the ring's run files (the agent cuts its segments from them).
+    A file whose head has been released (punched to zeros) belongs to a ring that is full: inf."""
+    total = 0.0
+    for path in ring.glob(ffmpeg.RING_FILE_GLOB):
+        data = path.read_bytes()
+        if data[:8].count(0) == 8:
+            return math.inf
+        found = []  # (type, body start, end) of each complete top-level box
+        pos = 0
+        while pos + 8 <= len(data) and 8 <= fmp4.u32(data, pos) <= len(data) - pos:
+            found.append((data[pos + 4 : pos + 8], pos + 8, pos + fmp4.u32(data, pos)))
+            pos += fmp4.u32(data, pos)
+        moov = next(((b, e) for k, b, e in found if k == b"moov"), None)
+        if moov is None:
+            continue
+        track = fmp4.read_track(data[moov[0] : moov[1]])
+        for (kind, body, end), (next_kind, mdat, mdat_end) in itertools.pairwise(found):
+            if kind == b"moof" and next_kind == b"mdat":
+                frag = fmp4.parse_fragment(data[body - 8 : end], body - 8, mdat - 8, mdat_end - mdat + 8, track)
+                total += frag.duration / track.timescale
+    return total
 
 
 def frames(path: Path) -> list[tuple[int, bool]]:

@@ -3,13 +3,15 @@
 The source is FFmpeg's output in the ring's form (`ffmpeg.RING_MOVFLAGS`: one fragment per keyframe),
 from a synthetic source with a keyframe every second. It is fed to the cutter as the growing file
 the ring's FFmpeg writes: in one piece, and in uneven pieces (boxes cut anywhere). What is checked:
-keyframe-aligned segments of the asked length, each a fragmented MP4 the join takes; every frame kept
-once, decoding without an error; the media times each cut reports; the cut bytes released from the
-growing file (its blocks, not its size); a damaged stream named; the file removed at the end.
+keyframe-aligned segments of the asked length, each copied out as a fragmented MP4 the join takes;
+every frame kept once, decoding without an error; the media times each cut reports; dropped
+segments released from the run's file (its blocks, not its size) and never copied after; a damaged
+stream named; the file removed after its run ended and its last segment was dropped.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 from pathlib import Path
@@ -18,7 +20,7 @@ import pytest
 
 from edge_agent import ffmpeg, fmp4, fmp4join
 from edge_agent.fmp4 import Mp4Error
-from edge_agent.ringcut import PAGE, RingCutter, punch_supported
+from edge_agent.ringcut import PAGE, Cut, RingCutter, punch_supported
 
 pytestmark = pytest.mark.integration
 
@@ -38,19 +40,37 @@ def stream(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return out.read_bytes()
 
 
-def feed(cutter: RingCutter, data: bytes, pieces: list[int]) -> list[tuple[str, float, float]]:
+def feed(cutter: RingCutter, data: bytes, pieces: list[int]) -> list[Cut]:
     """Append `data` to the cutter's source in pieces of the given sizes, polling after each."""
-    cuts = []
+    cuts: list[Cut] = []
     with cutter.source.open("ab") as f:
         pos = 0
         for size in [*pieces, len(data)]:
             f.write(data[pos : pos + size])
             f.flush()
             pos += size
-            cuts += [(c.name, c.media_start, c.media_end) for c in cutter.poll()]
+            cuts += cutter.poll()
             if pos >= len(data):
                 break
     return cuts
+
+
+def spans(cuts: list[Cut]) -> list[tuple[int, int, float, float]]:
+    return [(c.offset, c.length, c.media_start, c.media_end) for c in cuts]
+
+
+def write_out(cuts: list[Cut], directory: Path) -> list[Path]:
+    """Each segment as a file of its own, as a task copies it."""
+    paths = []
+    for i, cut in enumerate(cuts):
+        path = directory / f"seg_{i:06d}.mp4"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            assert cut.file.copy(fd, cut.offset, cut.length)
+        finally:
+            os.close(fd)
+        paths.append(path)
+    return paths
 
 
 def frames(path: Path) -> int:
@@ -61,15 +81,20 @@ def frames(path: Path) -> int:
 
 
 def test_cuts_keyframe_aligned_segments_that_join_into_every_frame(tmp_path: Path, stream: bytes) -> None:
-    cutter = RingCutter(tmp_path / ffmpeg.RING_FILE, tmp_path, 2, first_number=7)
+    cutter = RingCutter(tmp_path / "ring_000001.mp4", 2)
     cuts = feed(cutter, stream, [])
     # Cut as soon as 2 s of fragments are in: 0-2, 2-4, 4-6, 6-8; the last second waits for the end.
-    assert cuts == [(f"seg_{7 + i:06d}.mp4", 2.0 * i, 2.0 * i + 2) for i in range(4)], cuts
-    last = cutter.finish()
-    assert [(c.name, c.media_start, c.media_end) for c in last] == [("seg_000011.mp4", 8.0, 9.0)]
-    assert not cutter.source.exists()  # the growing file goes with its run
+    assert [(c.media_start, c.media_end) for c in cuts] == [(2.0 * i, 2.0 * i + 2) for i in range(4)]
+    cuts += cutter.finish()
+    assert [(c.media_start, c.media_end) for c in cuts[4:]] == [(8.0, 9.0)]
+    # Contiguous ranges covering every fragment, after the header.
+    assert all(a.offset + a.length == b.offset for a, b in itertools.pairwise(cuts))
+    end = cuts[-1].offset + cuts[-1].length
+    assert stream[end + 4 : end + 8] == b"mfra"  # all but FFmpeg's index at the end
 
-    paths = [tmp_path / f"seg_{n:06d}.mp4" for n in range(7, 12)]
+    out = tmp_path / "out"
+    out.mkdir()
+    paths = write_out(cuts, out)
     for path in paths:
         seg = fmp4.read_segment(path)
         assert seg.damage is None, (path, seg.damage)
@@ -80,63 +105,70 @@ def test_cuts_keyframe_aligned_segments_that_join_into_every_frame(tmp_path: Pat
     decode = subprocess.run(["ffmpeg", "-v", "error", "-i", str(tmp_path / "joined.mp4"), "-f", "null", "-"],
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert decode.returncode == 0 and decode.stderr == "", decode.stderr
+    # The run has ended: dropping its last segment removes its file.
+    assert cutter.source.exists()
+    cuts[-1].file.release(len(stream))
+    assert not cutter.source.exists()
 
 
-def test_a_file_written_in_uneven_pieces_cuts_to_the_same_bytes(tmp_path: Path, stream: bytes) -> None:
-    whole_dir, piece_dir = tmp_path / "whole", tmp_path / "pieces"
-    whole_dir.mkdir()
-    piece_dir.mkdir()
-    whole = RingCutter(whole_dir / ffmpeg.RING_FILE, whole_dir, 2, 0)
-    expected = feed(whole, stream, []) + [(c.name, c.media_start, c.media_end) for c in whole.finish()]
+def test_a_file_written_in_uneven_pieces_cuts_the_same(tmp_path: Path, stream: bytes) -> None:
+    whole = RingCutter(tmp_path / "ring_000001.mp4", 2)
+    expected = spans(feed(whole, stream, []) + whole.finish())
     # Pieces of 1 to 9000 bytes: box headers, moofs and mdats split everywhere, as a poll can see them.
     sizes = [1, 3, 4, 8, 13, 500, 7, 9000, 2, 4096, 6] * 200
-    pieced = RingCutter(piece_dir / ffmpeg.RING_FILE, piece_dir, 2, 0)
-    got = feed(pieced, stream, sizes) + [(c.name, c.media_start, c.media_end) for c in pieced.finish()]
-    assert got == expected
-    for name, _, _ in expected:
-        assert (piece_dir / name).read_bytes() == (whole_dir / name).read_bytes(), name
+    pieced = RingCutter(tmp_path / "ring_000002.mp4", 2)
+    assert spans(feed(pieced, stream, sizes) + pieced.finish()) == expected
 
 
-def test_the_cut_bytes_are_released_from_the_growing_file(tmp_path: Path, stream: bytes) -> None:
+def test_dropped_segments_are_released_and_never_copied(tmp_path: Path, stream: bytes) -> None:
     assert punch_supported(tmp_path), "the test directory's file system cannot punch holes"
-    cutter = RingCutter(tmp_path / ffmpeg.RING_FILE, tmp_path, 2, 0)
-    cuts = feed(cutter, stream[: len(stream) * 2 // 3], [])
-    assert len(cuts) >= 2
-    st = cutter.source.stat()
-    cut_bytes = sum((tmp_path / name).stat().st_size for name, _, _ in cuts)
-    assert st.st_size == len(stream) * 2 // 3  # the size stays: offsets FFmpeg writes at do not move
-    # Blocks held: the fragments not cut yet (less than one segment) and the page each end shares.
-    uncut = st.st_size - cut_bytes + len(cuts) * 1024  # each segment file repeats the ~1 KB header
-    assert st.st_blocks * 512 <= uncut + 2 * PAGE + 64 * 1024, (st.st_blocks * 512, uncut)
-    assert st.st_blocks * 512 < st.st_size // 2
-    cutter.close()
+    cutter = RingCutter(tmp_path / "ring_000001.mp4", 2)
+    cuts = feed(cutter, stream, [])
+    assert len(cuts) == 4
+    file = cuts[0].file
+    before = cutter.source.stat()
+    file.release(cuts[2].offset)  # the ring drops its two oldest segments
+    after = cutter.source.stat()
+    assert after.st_size == before.st_size == len(stream)  # offsets FFmpeg writes at do not move
+    freed = before.st_blocks * 512 - after.st_blocks * 512
+    assert cuts[2].offset - 2 * PAGE <= freed <= cuts[2].offset, (freed, cuts[2].offset)
+    assert file.read(cuts[1].offset, cuts[1].length) is None
+    with (tmp_path / "late.mp4").open("wb") as f:
+        assert not file.copy(f.fileno(), cuts[0].offset, cuts[0].length)
+        assert f.tell() == 0
+    data = file.read(cuts[2].offset, cuts[2].length)
+    assert data is not None and data.startswith(file.init) and data[len(file.init) + 4 : len(file.init) + 8] == b"moof"
+    # Stopping: the file goes at once, and nothing is read from it after.
+    file.close()
+    assert not cutter.source.exists()
+    assert file.read(cuts[3].offset, cuts[3].length) is None
 
 
 def test_a_stream_that_is_not_the_rings_is_named(tmp_path: Path, stream: bytes) -> None:
-    cutter = RingCutter(tmp_path / ffmpeg.RING_FILE, tmp_path, 2, 0)
+    cutter = RingCutter(tmp_path / "ring_000001.mp4", 2)
     cutter.source.write_bytes(b"\x00\x00\x00\x10junkjunkjunkjunk" + stream)
     with pytest.raises(Mp4Error, match="starts with b'junk'"):
         cutter.poll()
     cutter.close()
 
-    cutter = RingCutter(tmp_path / ffmpeg.RING_FILE, tmp_path, 2, 0)
-    cutter.source.write_bytes(stream[:40] + b"\x00\x00\x00\x03moof")  # a box smaller than its header
-    header = fmp4.boxes(stream)
-    first_two = [next(header), next(header)]
-    cutter.source.write_bytes(stream[: first_two[1][2]] + b"\x00\x00\x00\x03moof")
+    cutter = RingCutter(tmp_path / "ring_000002.mp4", 2)
+    boxes = fmp4.boxes(stream)
+    next(boxes)
+    _, _, moov_end = next(boxes)
+    cutter.source.write_bytes(stream[:moov_end] + b"\x00\x00\x00\x03moof")  # smaller than its own header
     with pytest.raises(Mp4Error, match="impossible size"):
         cutter.poll()
     cutter.close()
 
 
 def test_a_killed_ffmpeg_keeps_every_complete_fragment(tmp_path: Path, stream: bytes) -> None:
-    cutter = RingCutter(tmp_path / ffmpeg.RING_FILE, tmp_path, 3, 0)
+    cutter = RingCutter(tmp_path / "ring_000001.mp4", 3)
     cut_at = len(stream) - 3000  # the last fragment cut short, as SIGKILL leaves it
     cuts = feed(cutter, stream[:cut_at], [])
-    assert [(start, end) for _, start, end in cuts] == [(0.0, 3.0), (3.0, 6.0)]
+    assert [(c.media_start, c.media_end) for c in cuts] == [(0.0, 3.0), (3.0, 6.0)]
     last = cutter.finish()
     # Seconds 6 and 7 were complete: they are the last segment; the 9th second was cut short.
     assert [(c.media_start, c.media_end) for c in last] == [(6.0, 8.0)]
-    seg = fmp4.read_segment(tmp_path / last[0].name)
+    (path,) = write_out(last, tmp_path)
+    seg = fmp4.read_segment(path)
     assert seg.damage is None and len(seg.fragments) == 2
-    assert not os.path.exists(cutter.source)
