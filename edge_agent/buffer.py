@@ -64,6 +64,8 @@ STOP_GRACE_SECONDS = 5.0  # after a stop: the segment holding the stop time must
 # Without inotify, the timer alone: a segment is then cut this late at most.
 CUT_POLL_SECONDS = 2.0
 CUT_POLL_SECONDS_UNWATCHED = 0.25
+MID_WRITE_RETRIES = 4  # looks at a fragment FFmpeg is still writing, MID_WRITE_PAUSE apart
+MID_WRITE_PAUSE = 0.005
 CLOCK_WINDOW = 30  # segments (a minute at 2 s) over which a run's media-to-wall-clock offset is taken
 
 
@@ -189,13 +191,24 @@ class CameraBuffer(Recorder):
         return self._watch.fd if self._watch is not None and self._cutter is not None else None
 
     def _poll_output(self) -> None:
-        if self._watch is not None:
-            self._watch.drain()
-        if self._cutter is not None:
+        """Cut what FFmpeg wrote. A fragment is written in a burst of 32 KB writes, each an inotify
+        event: one caught mid-burst is looked at again a few ms later rather than on every event,
+        and the events of the ring's own hole punching are read here, not woken for."""
+        cutter = self._cutter
+        if cutter is None:
+            return
+        for attempt in range(MID_WRITE_RETRIES + 1):
+            if self._watch is not None:
+                self._watch.drain()  # before looking: a write after it wakes us again
             try:
-                self._closed(self._cutter.poll())
+                cuts = cutter.poll()
             except (Mp4Error, OSError) as exc:
                 raise RecordingError(f"cannot cut the ring's stream: {exc}") from None
+            self._closed(cuts)  # may punch a hole: an event of our own, drained by the next round
+            if not cuts and not cutter.mid_write:
+                return
+            if cutter.mid_write and attempt < MID_WRITE_RETRIES:
+                time.sleep(MID_WRITE_PAUSE)
 
     def _output_ended(self) -> None:
         cutter, self._cutter = self._cutter, None

@@ -230,6 +230,7 @@ class RingCutter:
         self._pending: list[Fragment] = []  # complete fragments of the segment being gathered
         self._pending_from = 0  # file offset of the first pending fragment's moof
         self._cut_to = 0  # the end of the last segment cut
+        self.mid_write = False  # the last poll found a box FFmpeg is still writing
 
     def poll(self) -> list[Cut]:
         """The segments completed by what FFmpeg wrote since the last poll (usually none or one)."""
@@ -242,10 +243,12 @@ class RingCutter:
             if self._watch is not None:
                 self._watch.watch(self.source)
         size = os.fstat(self._fd).st_size
+        self.mid_write = False
         cuts: list[Cut] = []
         while True:
             header = self._header(size)
             if header is None:
+                self.mid_write = self._pos < size
                 return cuts
             kind, box_size = header
             if self._init is None:
@@ -258,7 +261,8 @@ class RingCutter:
                 raise Mp4Error(f"unexpected {kind!r} box at byte {self._pos} of the ring's stream")
             fragment = self._next_fragment(box_size, size)
             if fragment is None:
-                return cuts  # its mdat is not all written yet
+                self.mid_write = True  # its mdat is not all written yet
+                return cuts
             if not self._pending:
                 self._pending_from = self._pos
             self._pending.append(fragment)
