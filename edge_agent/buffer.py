@@ -64,6 +64,9 @@ STOP_GRACE_SECONDS = 5.0  # after a stop: the segment holding the stop time must
 # Without inotify, the timer alone: a segment is then cut this late at most.
 CUT_POLL_SECONDS = 2.0
 CUT_POLL_SECONDS_UNWATCHED = 0.25
+# How long one FFmpeg run of a ring lasts at most (its MP4 muxer's index grows ~50 bytes a fragment:
+# 4 MB a day at a keyframe a second). The restart leaves a gap of about a second or two in the ring.
+RING_RUN_SECONDS = 24 * 3600.0
 MID_WRITE_RETRIES = 4  # looks at a fragment FFmpeg is still writing, MID_WRITE_PAUSE apart
 MID_WRITE_PAUSE = 0.005
 CLOCK_WINDOW = 30  # segments (a minute at 2 s) over which a run's media-to-wall-clock offset is taken
@@ -106,6 +109,7 @@ class CameraBuffer(Recorder):
         self._cutter: RingCutter | None = None  # of the FFmpeg run in progress
         self._watch: WriteWatch | None = None  # of the run's file, while the buffer runs
         self._runs = 0  # FFmpeg runs so far: each writes its own file
+        self.run_seconds = RING_RUN_SECONDS
 
     # -- the buffer's thread ------------------------------------------------------------------------
 
@@ -190,13 +194,13 @@ class CameraBuffer(Recorder):
     def _output_fd(self) -> int | None:
         return self._watch.fd if self._watch is not None and self._cutter is not None else None
 
-    def _poll_output(self) -> None:
+    def _poll_output(self) -> bool:
         """Cut what FFmpeg wrote. A fragment is written in a burst of 32 KB writes, each an inotify
         event: one caught mid-burst is looked at again a few ms later rather than on every event,
         and the events of the ring's own hole punching are read here, not woken for."""
         cutter = self._cutter
         if cutter is None:
-            return
+            return False
         for attempt in range(MID_WRITE_RETRIES + 1):
             if self._watch is not None:
                 self._watch.drain()  # before looking: a write after it wakes us again
@@ -206,10 +210,12 @@ class CameraBuffer(Recorder):
                 raise RecordingError(f"cannot cut the ring's stream: {exc}") from None
             self._closed(cuts)  # may punch a hole: an event of our own, drained by the next round
             if not cuts and not cutter.mid_write:
-                return
+                break
             if cutter.mid_write and attempt < MID_WRITE_RETRIES:
                 time.sleep(MID_WRITE_PAUSE)
-
+        # FFmpeg's MP4 muxer keeps about 50 bytes per fragment until its run ends: a run is ended after
+        # `run_seconds`, right after a segment was cut, and the next starts at once.
+        return time.monotonic() - cutter.started > self.run_seconds and not cutter.mid_write
     def _output_ended(self) -> None:
         cutter, self._cutter = self._cutter, None
         if cutter is not None:

@@ -46,6 +46,7 @@ __all__ = ["Recorder", "kill_orphans", "probe_camera"]
 log = logging.getLogger(__name__)
 
 STDERR_TAIL_LINES = 20
+ROTATED = "planned restart"  # a run ended on purpose by `_poll_output` (CameraBuffer: FFmpeg's memory)
 # Joining segments is disk-bound; when many cameras stop at once, join a few at a time rather than
 # all together (64 simultaneous joins on 2 cores timed out in bench_capacity).
 FINALISE_SLOTS = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
@@ -131,6 +132,10 @@ class Recorder(threading.Thread):
             outcome = self._run_ffmpeg(mode, started)
             if outcome == "stopped" or self._stop_requested.is_set():
                 return
+            if outcome == ROTATED:  # a planned restart (CameraBuffer): at once, and not a failure
+                self.interruptions += 1
+                self._post(Interrupted(spec.task_id, self.interruptions, ROTATED))
+                continue
             if not self._media_seen and time.monotonic() - started >= spec.first_frame_timeout:
                 raise RecordingError(
                     f"no media from the camera within {spec.first_frame_timeout:g} s: "
@@ -194,9 +199,10 @@ class Recorder(threading.Thread):
             segment_list_fd=segment_list_fd, flush_packets=self.flush_packets,
         )  # fmt: skip
 
-    def _poll_output(self) -> None:
-        """Look at what FFmpeg wrote (every `poll_seconds`, and whenever `_output_fd` is readable):
-        nothing here, see CameraBuffer."""
+    def _poll_output(self) -> bool:
+        """Look at what FFmpeg wrote (every `poll_seconds`, and whenever `_output_fd` is readable);
+        True ends this FFmpeg run gracefully and starts the next at once. Nothing here: CameraBuffer."""
+        return False
 
     def _output_fd(self) -> int | None:
         """A file descriptor readable when FFmpeg wrote output (`_poll_output` then runs), or None."""
@@ -237,6 +243,7 @@ class Recorder(threading.Thread):
         run_started = time.monotonic()
         last_advance = run_started
         stop_sent_at: float | None = None
+        rotating = False
         killed = False
         next_poll = run_started
         output_fd = self._output_fd()
@@ -250,7 +257,7 @@ class Recorder(threading.Thread):
             open_pipes = 3
             while open_pipes:
                 now = time.monotonic()
-                if self._stop_requested.is_set() and stop_sent_at is None:
+                if (self._stop_requested.is_set() or rotating) and stop_sent_at is None:
                     stop_sent_at = now
                     self._send_quit(proc)
                 if stop_sent_at is not None:
@@ -276,7 +283,7 @@ class Recorder(threading.Thread):
                 timeout = max(0.05, deadline - now)
                 if self.poll_seconds is not None:
                     if now >= next_poll:
-                        self._poll_output()
+                        rotating = self._poll_output() or rotating
                         next_poll = now + self.poll_seconds
                     timeout = min(timeout, max(0.0, next_poll - now))
                 for key, _ in sel.select(timeout=timeout):
@@ -285,7 +292,7 @@ class Recorder(threading.Thread):
                             os.read(self._wake_r, 64)
                         continue
                     if key.data == "output":
-                        self._poll_output()
+                        rotating = self._poll_output() or rotating
                         continue
                     fd = key.fd
                     chunk = os.read(fd, 65536)
@@ -323,7 +330,7 @@ class Recorder(threading.Thread):
             self._kill(proc)
             code = proc.wait(timeout=5)
         if stop_sent_at is not None:
-            return "stopped"
+            return "stopped" if self._stop_requested.is_set() or not rotating else ROTATED
         return f"exited with code {code}"
 
     def _send_quit(self, proc: subprocess.Popen[bytes]) -> None:

@@ -26,6 +26,7 @@ import errno
 import os
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,6 +232,7 @@ class RingCutter:
         self._pending_from = 0  # file offset of the first pending fragment's moof
         self._cut_to = 0  # the end of the last segment cut
         self.mid_write = False  # the last poll found a box FFmpeg is still writing
+        self.started = time.monotonic()
 
     def poll(self) -> list[Cut]:
         """The segments completed by what FFmpeg wrote since the last poll (usually none or one)."""

@@ -11,14 +11,18 @@ stream named; the file removed after its run ended and its last segment was drop
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
+from test_unit_recorder import spec
 
 from edge_agent import ffmpeg, fmp4, fmp4join
+from edge_agent.buffer import CameraBuffer
 from edge_agent.fmp4 import Mp4Error
 from edge_agent.ringcut import PAGE, Cut, RingCutter, punch_supported
 
@@ -172,3 +176,46 @@ def test_a_killed_ffmpeg_keeps_every_complete_fragment(tmp_path: Path, stream: b
     (path,) = write_out(last, tmp_path)
     seg = fmp4.read_segment(path)
     assert seg.damage is None and len(seg.fragments) == 2
+
+
+def test_a_ring_on_a_real_camera_rotates_its_ffmpeg_and_keeps_its_files_bounded(tmp_path: Path, camera) -> None:
+    """CameraBuffer with a real FFmpeg on the session's camera simulator: segments come from the run
+    file, a run is ended after `run_seconds` and the next starts at once (a gap the tasks count), a
+    finished run's file goes once its last segment is dropped, and the blocks on disk stay under the
+    cap. `run_seconds` is 4 s here; in the field it bounds FFmpeg's memory once a day."""
+    rec_spec = dataclasses.replace(
+        spec(tmp_path, "ok"), ffmpeg="ffmpeg", ffprobe="ffprobe", stream=ffmpeg.StreamInput(camera.url("cam3")),
+        segment_dir=tmp_path / "ring", stats_period=1.0, stall_timeout=10.0, first_frame_timeout=15.0,
+        restart_backoff_max=1.0,
+    )  # fmt: skip
+    cap = 3 * 1024 * 1024
+    ring = CameraBuffer(rec_spec, seconds=8, max_bytes=cap)
+    ring.run_seconds = 4.0
+    ring.start()
+    held: list[int] = []
+    try:
+        deadline = time.monotonic() + 40
+        while ring._runs < 4:
+            assert time.monotonic() < deadline, f"only {ring._runs} runs in 40 s"
+            held.append(sum(p.stat().st_blocks * 512 for p in (tmp_path / "ring").glob(ffmpeg.RING_FILE_GLOB)))
+            time.sleep(0.2)
+        with ring._lock:
+            segments = list(ring._ring)
+        assert segments, "the ring holds nothing"
+        assert len({s.run for s in segments}) >= 2, "no rotation seen in the ring's segments"
+        # Contiguous stamps within a run; a rotation is a new run (a gap the tasks count), short.
+        for a, b in itertools.pairwise(segments):
+            if a.run == b.run:
+                assert b.start == pytest.approx(a.end, abs=0.01)
+            else:
+                assert 0 <= b.start - a.end < 5.0, b.start - a.end
+        # Old runs' files are gone once their segments are: at most the runs the ring still holds + 1.
+        files = sorted((tmp_path / "ring").glob(ffmpeg.RING_FILE_GLOB))
+        assert len(files) <= len({s.file.path for s in segments}) + 1, files
+        newest = ring.newest()
+        assert newest is not None and newest[0][4:8] == b"ftyp"
+    finally:
+        ring.stop(timeout=20)
+    assert not ring.is_alive()
+    assert max(held) <= cap, max(held)
+    assert not list((tmp_path / "ring").glob(ffmpeg.RING_FILE_GLOB)), "run files left after the stop"
