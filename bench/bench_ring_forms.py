@@ -8,10 +8,13 @@ same for every form), and each form's CPU (schedstat nanoseconds of its processe
 same window once all run. Forms:
 
 - ``plain``: ``ffmpeg -rtsp_transport tcp -i URL -c copy -movflags +faststart out.mp4`` (bench_buffer's floor)
-- ``ring``: exactly the agent's ring FFmpeg (``edge_agent.ffmpeg.record_argv`` as the buffer calls it:
+- ``ring``: the agent's ring FFmpeg before 2026-12-07 (``edge_agent.ffmpeg.record_argv`` as the buffer called it:
   2 s fragmented-MP4 segments through FFmpeg's segment muxer, no flush per packet, the segment list
   on a pipe, progress every 2 s)
 - ``fragmp4``: the same input and fragments, one fragmented MP4 file, no segment muxer
+- ``cut``: exactly the agent's ring FFmpeg since it cuts the ring itself (``edge_agent.ffmpeg.ring_argv``:
+  one fragmented MP4, a fragment per keyframe, flushed whole; the segment muxer form above is now
+  only the fallback on file systems without holes)
 - ``plain2``: ``plain`` again: the noise floor of the comparison
 
 Ratios are per round against ``plain``; the rounds rotate which form joins first.
@@ -83,7 +86,11 @@ def forms(url: str, base: Path) -> dict[str, Callable[[int], tuple[list[str], in
                 str(base / f"frag{i}.mp4")]  # fmt: skip
         return argv, None
 
-    return {"plain": plain("plain"), "ring": ring, "fragmp4": fragmp4, "plain2": plain("plainb")}
+    def cut(i: int) -> tuple[list[str], int | None]:
+        return ffmpeg.ring_argv("ffmpeg", stream(url), base / (ffmpeg.RING_FILE_PATTERN % i), mode="copy",
+                                segment_seconds=BUFFER_SEGMENT_SECONDS), None  # fmt: skip
+
+    return {"plain": plain("plain"), "ring": ring, "fragmp4": fragmp4, "cut": cut, "plain2": plain("plainb")}
 
 
 def one_round(url: str, base: Path, copies: int, window: float, rotate: int) -> dict[str, float]:
