@@ -169,9 +169,14 @@ def main() -> None:
             # Sampled once every ring has moved past its first segments: at start-up the rings join the
             # simulator's shared mount at once and it bursts (measured: a first segment of ~4.5 MB,
             # 15 s long in wall time); the ring keeps its newest segment whatever its size.
+            # 8 segments in: the agent cuts its rings itself (no segment files, FFmpeg's run files); on a
+            # file system without holes the segment muxer names them.
             deadline = time.monotonic() + 90
-            while not all((r / "seg_000008.mp4").exists() for r in rings) and time.monotonic() < deadline:
+            while not all(any(r.glob(ffmpeg.RING_FILE_GLOB)) or (r / "seg_000000.mp4").exists() for r in rings):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the rings never started")
                 time.sleep(0.5)
+            time.sleep(8 * 2.0)
             watch.start()
             try:
                 for rnd in range(rounds):

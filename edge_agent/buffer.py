@@ -225,6 +225,8 @@ class CameraBuffer(Recorder):
                 log.warning("buffer of %s: the end of a run is lost: %s", self.spec.camera_id, exc)
 
     def _closed(self, cuts: list[Cut]) -> None:
+        if cuts:
+            self.live.set()  # media in the ring (FFmpeg's progress says so too, but only every few seconds)
         for cut in cuts:
             seconds = cut.media_end - cut.media_start
             self._add(cut.file, cut.offset, cut.length, seconds, *self._wall_end(time.time(), cut.media_end))

@@ -152,6 +152,8 @@ class Lifecycle:
             if cam.buffer_seconds <= 0 or camera in self.buffers:
                 continue
             ring = self.cfg.buffer_dir(camera)
+            # A ring's FFmpeg reports progress only for the stall watchdog (its segments and `live` come
+            # from the cutter): every stall_timeout / 3, 5 s by default, not every 2 s (fewer wake-ups).
             spec = RecordingSpec(
                 task_id=f"{camera}/buffer", camera_id=camera, stream=self.cfg.stream_input(camera),
                 mode=self.cfg.camera_video_mode(camera),
@@ -160,7 +162,7 @@ class Lifecycle:
                 stall_timeout=rc.stall_timeout_seconds, stop_timeout=rc.stop_timeout_seconds,
                 restart_backoff_max=rc.restart_backoff_max_seconds, max_restarts=10**9,
                 probe_timeout=rc.probe_timeout_seconds, preset=rc.transcode_preset,
-                stats_period=rc.stats_period_seconds, secrets=self._secrets,
+                stats_period=max(rc.stats_period_seconds, rc.stall_timeout_seconds / 3), secrets=self._secrets,
             )  # fmt: skip
             buffer = CameraBuffer(spec, cam.buffer_seconds, cam.buffer_max_bytes)
             self.buffers[camera] = buffer
