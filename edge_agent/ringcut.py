@@ -118,26 +118,27 @@ class RunFile:
 
     Shared by the buffer's thread (which cuts and drops segments) and task threads (which copy
     them): every change is under its lock, and bytes being copied are released only after the copy.
+    A descriptor is held only while the run writes (one per camera): a ring holding many ended runs
+    (a camera that keeps dropping, a day-long buffer) opens their files when it reads or frees them.
     """
 
-    def __init__(self, path: Path, fd: int, init: bytes = b"", end: int | None = None) -> None:
+    def __init__(self, path: Path, fd: int | None = None, end: int | None = None) -> None:
         self.path = path
-        self.init = init  # the run's ftyp + moov, written before a range to make it a file
-        self._fd = fd
+        self.init = b""  # the run's ftyp + moov, written before a range to make it a file
+        self.size = 0  # of a whole segment file (`whole`)
+        self._fd = fd  # held while the run writes
         self._lock = threading.Lock()
         self._readers = 0
         self._released = 0  # bytes before this offset are no longer needed
         self._punched = 0  # ... and have been freed, to this page
         self._end = end  # no segment beyond this offset (set when the run has ended)
         self._closed = False
-        self.size = 0  # of a whole segment file (`whole`)
 
     @classmethod
     def whole(cls, path: Path) -> RunFile:
         """A segment file FFmpeg's segment muxer wrote, as a run file of one segment; OSError if gone."""
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        size = os.fstat(fd).st_size
-        file = cls(path, fd, end=size)
+        size = path.stat().st_size
+        file = cls(path, end=size)
         file.size = size
         return file
 
@@ -148,10 +149,16 @@ class RunFile:
             if self._closed or offset < self._released:
                 return False
             self._readers += 1
+            held = self._fd  # not closed while we read (`_readers`)
         try:
-            if self.init:
-                os.write(dst, self.init)
-            _copy_range(self._fd, dst, offset, length)
+            fd = held if held is not None else os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if self.init:
+                    os.write(dst, self.init)
+                _copy_range(fd, dst, offset, length)
+            finally:
+                if held is None:
+                    os.close(fd)
         finally:
             with self._lock:
                 self._readers -= 1
@@ -163,7 +170,13 @@ class RunFile:
         with self._lock:
             if self._closed or offset < self._released:
                 return None
-            return self.init + os.pread(self._fd, length, offset)
+            if self._fd is not None:
+                return self.init + os.pread(self._fd, length, offset)
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                return self.init + os.pread(fd, length, offset)
+            finally:
+                os.close(fd)
 
     def release(self, end: int) -> None:
         """Segments before `end` are dropped: free their bytes (and the file, after its last one)."""
@@ -178,7 +191,7 @@ class RunFile:
             self._settle()
 
     def close(self) -> None:
-        """Close and remove it now (the buffer is stopping); copies not begun yet then find it gone."""
+        """Remove it now (the buffer is stopping); copies not begun yet then find it gone."""
         with self._lock:
             self._released = max(self._released, self._end or 0)
             self._end = self._released
@@ -187,16 +200,23 @@ class RunFile:
     def _settle(self) -> None:
         if self._closed or self._readers:
             return
+        if self._end is not None and self._fd is not None:  # the run has ended: hold nothing
+            os.close(self._fd)
+            self._fd = None
         if self._end is not None and self._released >= self._end:
             self._closed = True
-            os.close(self._fd)
             with contextlib.suppress(OSError):
                 self.path.unlink()
             return
         to = self._released // PAGE * PAGE
         if to > self._punched:
             with contextlib.suppress(OSError):  # checked by punch_supported; a failure costs space only
-                punch_hole(self._fd, self._punched, to - self._punched)
+                fd = self._fd if self._fd is not None else os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    punch_hole(fd, self._punched, to - self._punched)
+                finally:
+                    if fd != self._fd:
+                        os.close(fd)
             self._punched = to
 
 
@@ -241,7 +261,7 @@ class RingCutter:
                 self._fd = os.open(self.source, os.O_RDWR | os.O_CLOEXEC)
             except FileNotFoundError:
                 return []  # FFmpeg has not opened its output yet
-            self._file = RunFile(self.source, self._fd)
+            self._file = RunFile(self.source, os.dup(self._fd))
             if self._watch is not None:
                 self._watch.watch(self.source)
         size = os.fstat(self._fd).st_size
@@ -294,13 +314,15 @@ class RingCutter:
         self._ended()
 
     def _ended(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._file is not None:
             self._file.ended(self._cut_to)
             self._file = None
-        elif self._fd is None:
+        else:  # never opened: FFmpeg may still have created it
             with contextlib.suppress(OSError):
                 self.source.unlink()
-        self._fd = None
 
     # -- reading ---------------------------------------------------------------------------------
 

@@ -219,3 +219,22 @@ def test_a_ring_on_a_real_camera_rotates_its_ffmpeg_and_keeps_its_files_bounded(
     assert not ring.is_alive()
     assert max(held) <= cap, max(held)
     assert not list((tmp_path / "ring").glob(ffmpeg.RING_FILE_GLOB)), "run files left after the stop"
+
+
+def test_ended_runs_hold_no_descriptors_until_read(tmp_path: Path, stream: bytes) -> None:
+    """A camera that keeps dropping leaves a run file per drop in a long ring: they must not each
+    hold a file descriptor (a day-long ring would run out of them)."""
+    before = len(os.listdir("/proc/self/fd"))
+    kept: list[Cut] = []
+    for run in range(40):
+        cutter = RingCutter(tmp_path / (ffmpeg.RING_FILE_PATTERN % run), 2)
+        kept += feed(cutter, stream, []) + cutter.finish()
+    assert len(os.listdir("/proc/self/fd")) <= before + 1
+    assert len(list(tmp_path.glob(ffmpeg.RING_FILE_GLOB))) == 40
+    # Still readable (opened when asked), and each file goes with its last segment.
+    paths = write_out(kept[-5:], tmp_path)
+    assert fmp4.read_segment(paths[0]).damage is None
+    for cut in kept:
+        cut.file.release(cut.offset + cut.length)
+    assert not list(tmp_path.glob(ffmpeg.RING_FILE_GLOB))
+    assert len(os.listdir("/proc/self/fd")) <= before + 1
