@@ -1,11 +1,13 @@
 """Pre-roll: a camera recorded all the time into a ring of segments, and tasks cut from that ring.
 
 A `CameraBuffer` is one FFmpeg per camera (the recorder's own supervision: restarts with backoff,
-stall watchdog, reaped) writing keyframe-aligned fragmented-MP4 segments into a ring directory, RAM
-(`/dev/shm`) by default so flash storage is not worn. It keeps the newest `buffer_seconds` (and
-never more than `buffer_max_bytes`), each segment stamped with the wall-clock time of its first and
-last frame. Those come from the segment's own media times (FFmpeg's segment list: start and end in
-the stream time of its run) plus the run's offset to the wall clock, taken as the smallest
+stall watchdog, reaped) writing one fragmented MP4 per run into a ring directory, RAM (`/dev/shm`)
+by default so flash storage is not worn, cut by the agent into keyframe-aligned segments: byte
+ranges of that file (`edge_agent.ringcut`; on a file system without holes, FFmpeg's segment muxer
+writes segment files instead). It keeps the newest `buffer_seconds` (and never more than
+`buffer_max_bytes`), each segment stamped with the wall-clock time of its first and last frame.
+Those come from the segment's own media times (its fragments' decode times, or the segment muxer's
+list: the stream time of its run) plus the run's offset to the wall clock, taken as the smallest
 `arrival - media end` over the run's last `CLOCK_WINDOW` segments: a report that arrives late (a
 busy host, a burst from the camera) then shifts no segment, and the segments of a run stay exactly
 contiguous. When a report shows a smaller offset than any before in the run (the first ones of a run
@@ -14,15 +16,16 @@ already in the ring are restamped with it. The camera's own latency (well under 
 is not corrected for; the window follows a camera clock that drifts from the host's.
 
 A task on a buffered camera is a range of that ring (`BufferedRecorder`): the segments from the one
-at or before `command time - pre_roll` on, copied to the task's own segment directory on disk and
-fsynced as they close, so the task survives a kill -9 or a power cut exactly as a normal one (its
+at or before `command time - pre_roll` on, each copied out as a segment file into the task's own
+directory on disk and fsynced as it closes, so the task survives a kill -9 or a power cut exactly as a normal one (its
 segment directory is finalised at the next start). No second RTSP connection, and no seam: the MP4
 is the ring's own segments joined by copying fragments. A camera drop leaves a gap between two FFmpeg
 runs; a task spanning it counts an interruption.
 
-Threads: the buffer's FFmpeg runs on the buffer's thread, which owns the ring; each task's recorder
-subscribes and gets closed segments through its own queue. The ring's index is shared under one lock,
-held only to read or change the index (never while copying).
+Threads: the buffer's FFmpeg runs on the buffer's thread, which owns the ring and cuts it; each
+task's recorder subscribes and gets closed segments through its own queue. The ring's index is
+shared under one lock, held only to read or change the index (never while copying); a run's file
+guards its own bytes (`RunFile`: a segment being copied is freed only after the copy).
 """
 
 from __future__ import annotations
