@@ -216,6 +216,10 @@ class CameraBuffer(Recorder):
                 break
             if cutter.mid_write and attempt < MID_WRITE_RETRIES:
                 time.sleep(MID_WRITE_PAUSE)
+        if cutter.unwatched is not None and self.poll_seconds != CUT_POLL_SECONDS_UNWATCHED:
+            log.warning("buffer of %s: %s; the ring is looked at every %g s", self.spec.camera_id, cutter.unwatched,
+                        CUT_POLL_SECONDS_UNWATCHED)  # fmt: skip
+            self.poll_seconds = CUT_POLL_SECONDS_UNWATCHED
         # FFmpeg's MP4 muxer keeps about 50 bytes per fragment until its run ends: a run is ended after
         # `run_seconds`, right after a segment was cut, and the next starts at once.
         return time.monotonic() - cutter.started > self.run_seconds and not cutter.mid_write

@@ -252,6 +252,7 @@ class RingCutter:
         self._pending_from = 0  # file offset of the first pending fragment's moof
         self._cut_to = 0  # the end of the last segment cut
         self.mid_write = False  # the last poll found a box FFmpeg is still writing
+        self.unwatched: str | None = None  # why `watch` could not watch the source
         self.started = time.monotonic()
 
     def poll(self) -> list[Cut]:
@@ -263,7 +264,10 @@ class RingCutter:
                 return []  # FFmpeg has not opened its output yet
             self._file = RunFile(self.source, os.dup(self._fd))
             if self._watch is not None:
-                self._watch.watch(self.source)
+                try:
+                    self._watch.watch(self.source)
+                except OSError as exc:  # out of inotify watches: the caller polls on a timer instead
+                    self.unwatched = str(exc)
         size = os.fstat(self._fd).st_size
         self.mid_write = False
         cuts: list[Cut] = []

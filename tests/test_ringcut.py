@@ -24,7 +24,7 @@ from test_unit_recorder import spec
 from edge_agent import ffmpeg, fmp4, fmp4join
 from edge_agent.buffer import CameraBuffer
 from edge_agent.fmp4 import Mp4Error
-from edge_agent.ringcut import PAGE, Cut, RingCutter, punch_supported
+from edge_agent.ringcut import PAGE, Cut, RingCutter, WriteWatch, punch_supported
 
 pytestmark = pytest.mark.integration
 
@@ -238,3 +238,19 @@ def test_ended_runs_hold_no_descriptors_until_read(tmp_path: Path, stream: bytes
         cut.file.release(cut.offset + cut.length)
     assert not list(tmp_path.glob(ffmpeg.RING_FILE_GLOB))
     assert len(os.listdir("/proc/self/fd")) <= before + 1
+
+
+def test_out_of_inotify_watches_the_cutter_still_cuts_and_says_why(tmp_path: Path, stream: bytes) -> None:
+    class FullWatch(WriteWatch):
+        def watch(self, path: Path) -> None:
+            raise OSError(28, f"inotify on {path}: No space left on device")
+
+    watch = FullWatch()
+    try:
+        cutter = RingCutter(tmp_path / "ring_000001.mp4", 2, watch=watch)
+        cuts = feed(cutter, stream, [])
+        assert len(cuts) == 4  # cutting goes on: the buffer polls on a timer instead
+        assert cutter.unwatched is not None and "No space left" in cutter.unwatched
+        cutter.finish()
+    finally:
+        watch.close()
