@@ -58,7 +58,7 @@ from edge_agent.recording import (
     RecordingSpec,
     SegmentClosed,
 )
-from edge_agent.ringcut import Cut, RingCutter, RunFile, WriteWatch, punch_supported
+from edge_agent.ringcut import Cut, RingCutter, RingReactor, RunFile, WriteWatch, punch_supported
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class CameraBuffer(Recorder):
     flush_packets = False
     poll_seconds = CUT_POLL_SECONDS
 
-    def __init__(self, spec: RecordingSpec, seconds: float, max_bytes: int) -> None:
+    def __init__(self, spec: RecordingSpec, seconds: float, max_bytes: int, reactor: RingReactor | None = None) -> None:
         super().__init__(spec, self._on_event)
         self.name = f"buffer.{spec.camera_id}"
         self.seconds = seconds
@@ -110,7 +110,13 @@ class CameraBuffer(Recorder):
         self.live = threading.Event()  # media arrived in the last run (cleared when FFmpeg ends)
         self.cut_by_agent = True  # see edge_agent.ringcut; False: FFmpeg's segment muxer cuts
         self._cutter: RingCutter | None = None  # of the FFmpeg run in progress
-        self._watch: WriteWatch | None = None  # of the run's file, while the buffer runs
+        self._watch: WriteWatch | None = None  # of the run's file, while the buffer runs (no reactor)
+        self._reactor = reactor  # cuts the ring on its thread when the file is written (see RingReactor)
+        self._wd: int | None = None  # the reactor's watch of the run's file
+        # The cutter and the stamping state (`_offsets`, `_clock`...) are used by the buffer's thread
+        # and the reactor's: under this lock.
+        self._cut_lock = threading.RLock()
+        self._cut_error: str | None = None  # the reactor's cutting failed: the buffer ends the run
         self._runs = 0  # FFmpeg runs so far: each writes its own file
         self.run_seconds = RING_RUN_SECONDS
 
@@ -132,7 +138,7 @@ class CameraBuffer(Recorder):
         if not self.cut_by_agent:
             log.info("buffer of %s: %s cannot punch holes; FFmpeg's segment muxer cuts the ring (more CPU)",
                      self.spec.camera_id, self.spec.segment_dir)  # fmt: skip
-        else:
+        elif self._reactor is None:
             try:
                 self._watch = WriteWatch()
             except OSError as exc:
@@ -166,6 +172,10 @@ class CameraBuffer(Recorder):
 
     def _on_event(self, event: RecorderEvent) -> None:
         """The recorder machinery's events, on this thread."""
+        with self._cut_lock:
+            self._handle(event)
+
+    def _handle(self, event: RecorderEvent) -> None:
         match event:
             case MediaStarted():
                 self.live.set()
@@ -190,46 +200,80 @@ class CameraBuffer(Recorder):
         spec = self.spec
         self._runs += 1
         source = spec.segment_dir / (ffmpeg.RING_FILE_PATTERN % self._runs)
-        self._cutter = RingCutter(source, spec.segment_seconds, watch=self._watch)
+        if self._reactor is not None:
+            watch: Callable[[Path], object] | None = self._watch_by_reactor
+        else:
+            watch = self._watch.watch if self._watch is not None else None
+        with self._cut_lock:
+            self._cutter = RingCutter(source, spec.segment_seconds, watch=watch)
+            self._cut_error = None
         return ffmpeg.ring_argv(spec.ffmpeg, self._stream, source, mode=mode, segment_seconds=spec.segment_seconds,
                                 preset=spec.preset, stats_period_s=spec.stats_period)  # fmt: skip
+
+    def _watch_by_reactor(self, path: Path) -> None:
+        assert self._reactor is not None
+        self._wd = self._reactor.watch(path, self._on_written)
 
     def _output_fd(self) -> int | None:
         return self._watch.fd if self._watch is not None and self._cutter is not None else None
 
+    def _on_written(self) -> None:
+        """The run's file was written (on the reactor's thread): cut it; an error ends the run, from
+        the buffer's own thread at its next look (`_poll_output`)."""
+        with self._cut_lock:
+            if self._cutter is None or self._cut_error is not None:
+                return
+            try:
+                self._cut(self._cutter)
+            except (Mp4Error, OSError) as exc:
+                self._cut_error = f"cannot cut the ring's stream: {exc}"
+
     def _poll_output(self) -> bool:
-        """Cut what FFmpeg wrote. A fragment is written in a burst of 32 KB writes, each an inotify
-        event: one caught mid-burst is looked at again a few ms later rather than on every event,
-        and the events of the ring's own hole punching are read here, not woken for."""
-        cutter = self._cutter
-        if cutter is None:
-            return False
+        """On the buffer's thread: every `poll_seconds` (a backstop when the reactor or inotify wakes
+        the cutting), or when its own inotify fd is readable. True ends this FFmpeg run."""
+        with self._cut_lock:
+            cutter = self._cutter
+            if self._cut_error is not None:
+                raise RecordingError(self._cut_error)
+            if cutter is None:
+                return False
+            try:
+                self._cut(cutter)
+            except (Mp4Error, OSError) as exc:
+                raise RecordingError(f"cannot cut the ring's stream: {exc}") from None
+            if cutter.unwatched is not None and self.poll_seconds != CUT_POLL_SECONDS_UNWATCHED:
+                log.warning("buffer of %s: %s; the ring is looked at every %g s", self.spec.camera_id,
+                            cutter.unwatched, CUT_POLL_SECONDS_UNWATCHED)  # fmt: skip
+                self.poll_seconds = CUT_POLL_SECONDS_UNWATCHED
+            # FFmpeg's MP4 muxer keeps about 50 bytes per fragment until its run ends: a run is ended
+            # after `run_seconds`, right after a segment was cut, and the next starts at once.
+            return time.monotonic() - cutter.started > self.run_seconds and not cutter.mid_write
+
+    def _cut(self, cutter: RingCutter) -> None:
+        """Cut what FFmpeg wrote (under `_cut_lock`). A fragment is written in a burst of 32 KB writes,
+        each an inotify event: one caught mid-burst is looked at again a few ms later rather than on
+        every event, and the events of the ring's own hole punching are read here, not woken for."""
         for attempt in range(MID_WRITE_RETRIES + 1):
             if self._watch is not None:
                 self._watch.drain()  # before looking: a write after it wakes us again
-            try:
-                cuts = cutter.poll()
-            except (Mp4Error, OSError) as exc:
-                raise RecordingError(f"cannot cut the ring's stream: {exc}") from None
+            cuts = cutter.poll()
             self._closed(cuts)  # may punch a hole: an event of our own, drained by the next round
             if not cuts and not cutter.mid_write:
-                break
+                return
             if cutter.mid_write and attempt < MID_WRITE_RETRIES:
                 time.sleep(MID_WRITE_PAUSE)
-        if cutter.unwatched is not None and self.poll_seconds != CUT_POLL_SECONDS_UNWATCHED:
-            log.warning("buffer of %s: %s; the ring is looked at every %g s", self.spec.camera_id, cutter.unwatched,
-                        CUT_POLL_SECONDS_UNWATCHED)  # fmt: skip
-            self.poll_seconds = CUT_POLL_SECONDS_UNWATCHED
-        # FFmpeg's MP4 muxer keeps about 50 bytes per fragment until its run ends: a run is ended after
-        # `run_seconds`, right after a segment was cut, and the next starts at once.
-        return time.monotonic() - cutter.started > self.run_seconds and not cutter.mid_write
+
     def _output_ended(self) -> None:
-        cutter, self._cutter = self._cutter, None
-        if cutter is not None:
-            try:
-                self._closed(cutter.finish())
-            except (Mp4Error, OSError) as exc:
-                log.warning("buffer of %s: the end of a run is lost: %s", self.spec.camera_id, exc)
+        with self._cut_lock:
+            cutter, self._cutter = self._cutter, None
+            if self._wd is not None and self._reactor is not None:
+                self._reactor.unwatch(self._wd)
+            self._wd = None
+            if cutter is not None:
+                try:
+                    self._closed(cutter.finish())
+                except (Mp4Error, OSError) as exc:
+                    log.warning("buffer of %s: the end of a run is lost: %s", self.spec.camera_id, exc)
 
     def _closed(self, cuts: list[Cut]) -> None:
         if cuts:

@@ -26,6 +26,7 @@ from edge_agent.recorder import Recorder
 from edge_agent.recording import RecorderEvent, RecordingFinished, RecordingSpec
 from edge_agent.redact import redact
 from edge_agent.reporter import Reporter
+from edge_agent.ringcut import RingReactor
 from edge_agent.taskbook import Stoppable, TaskBook
 from edge_agent.tasks import ACTIVE_STATUSES, UPLOAD_STATUSES, Status, Task, iso_epoch, new_task, utc_now
 
@@ -63,6 +64,7 @@ class Lifecycle:
         self._secrets = secrets
         self.tools: tuple[str, str] | None = None  # (ffmpeg, ffprobe) once found
         self.buffers: dict[str, CameraBuffer] = {}  # camera -> its ring buffer (cameras with buffer_seconds)
+        self._reactor: RingReactor | None = None  # cuts the rings (`_ring_reactor`)
         self.stopping = False  # the agent is shutting down: a finished recording lets go at once
 
     # ---- recordings ------------------------------------------------------------------------------
@@ -164,7 +166,7 @@ class Lifecycle:
                 probe_timeout=rc.probe_timeout_seconds, preset=rc.transcode_preset,
                 stats_period=max(rc.stats_period_seconds, rc.stall_timeout_seconds / 3), secrets=self._secrets,
             )  # fmt: skip
-            buffer = CameraBuffer(spec, cam.buffer_seconds, cam.buffer_max_bytes)
+            buffer = CameraBuffer(spec, cam.buffer_seconds, cam.buffer_max_bytes, self._ring_reactor())
             self.buffers[camera] = buffer
             buffer.start()
             log.info("camera %s: ring buffer of %d s in %s", camera, cam.buffer_seconds, ring)
@@ -187,6 +189,21 @@ class Lifecycle:
             buffer.request_stop()
         for buffer in self.buffers.values():
             buffer.join(timeout=self.cfg.recording.stop_timeout_seconds + 5)
+        if self._reactor is not None:
+            self._reactor.stop()
+            self._reactor = None
+
+    def _ring_reactor(self) -> RingReactor | None:
+        """The one thread that cuts every ring (started with the first), or None without inotify:
+        each ring then watches its own file."""
+        if self._reactor is None:
+            try:
+                self._reactor = RingReactor()
+            except OSError as exc:
+                log.info("rings cut on their own threads: %s", exc)
+                return None
+            self._reactor.start()
+        return self._reactor
 
     def request_stop(self, task: Task, reason: str) -> None:
         self.book.cancel_deadline(task.task_id)

@@ -23,10 +23,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import logging
 import os
+import selectors
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +38,7 @@ from edge_agent.fmp4 import Fragment, Mp4Error, Track, header_len, parse_fragmen
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 PAGE = 4096
+log = logging.getLogger(__name__)
 MAX_MOOF_BYTES = 4 * 1024 * 1024  # a moof is a few KB: more is not FFmpeg's
 MAX_MDAT_BYTES = 1 << 30  # one fragment is one GOP: a GB is not a camera's
 SEGMENT_SLACK = 0.98  # a segment closes at a keyframe once it holds this share of its length
@@ -49,6 +53,8 @@ _inotify_init1 = _libc.inotify_init1
 _inotify_init1.argtypes = [ctypes.c_int]
 _inotify_add_watch = _libc.inotify_add_watch
 _inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+_inotify_rm_watch = _libc.inotify_rm_watch
+_inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
 IN_MODIFY = 0x00000002
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
@@ -70,11 +76,30 @@ class WriteWatch:
             raise OSError(code, f"inotify: {os.strerror(code)}")
         self.fd = fd
 
-    def watch(self, path: Path) -> None:
-        """Wake on writes to `path` too (a watch goes by itself when its file is removed)."""
-        if _inotify_add_watch(self.fd, os.fsencode(path), IN_MODIFY) < 0:
+    def watch(self, path: Path) -> int:
+        """Wake on writes to `path` too (a watch goes by itself when its file is removed); its number."""
+        wd = int(_inotify_add_watch(self.fd, os.fsencode(path), IN_MODIFY))
+        if wd < 0:
             code = ctypes.get_errno()
             raise OSError(code, f"inotify on {path}: {os.strerror(code)}")
+        return wd
+
+    def unwatch(self, wd: int) -> None:
+        _inotify_rm_watch(self.fd, wd)  # fails harmlessly if the file is gone (the watch went with it)
+
+    def read_written(self) -> list[int]:
+        """The watches written since the last read (each once), without blocking."""
+        try:
+            data = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return []
+        wds: dict[int, None] = {}
+        pos = 0
+        while pos + 16 <= len(data):  # struct inotify_event: wd, mask, cookie, len, then the name
+            wd, _, _, name_len = struct.unpack_from("iIII", data, pos)
+            wds[wd] = None
+            pos += 16 + name_len
+        return list(wds)
 
     def drain(self) -> None:
         """Read the pending events (their content does not matter: the cutter looks at the file).
@@ -85,6 +110,69 @@ class WriteWatch:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self.fd)
+
+
+class RingReactor(threading.Thread):
+    """One thread that cuts every ring of the agent when FFmpeg writes its file.
+
+    With a thread per ring doing its own cutting, cameras whose keyframes arrive together (several
+    fed from one source, or in step) woke their threads at once, and they spent most of their CPU
+    handing Python's GIL to each other at every system call. Here one inotify instance watches every
+    ring's run file and one thread calls each written ring's `on_write` in turn. Each ring keeps
+    its own timer as a backstop (`CameraBuffer.poll_seconds`) and its own lock around its cutter.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(name="ring-cutter", daemon=True)
+        self._inotify = WriteWatch()  # OSError without inotify: the rings then watch for themselves
+        self._lock = threading.Lock()
+        self._targets: dict[int, Callable[[], None]] = {}
+        self._wake_r, self._wake_w = os.pipe()
+        self._stopping = threading.Event()
+
+    def watch(self, path: Path, on_write: Callable[[], None]) -> int:
+        """Call `on_write` (on this thread) whenever `path` is written; the watch's number. OSError
+        if it cannot be watched (out of watches)."""
+        with self._lock:
+            wd = self._inotify.watch(path)
+            self._targets[wd] = on_write
+        return wd
+
+    def unwatch(self, wd: int) -> None:
+        with self._lock:
+            self._targets.pop(wd, None)
+            self._inotify.unwatch(wd)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        self.join(timeout)
+
+    def run(self) -> None:
+        try:
+            with selectors.DefaultSelector() as sel:
+                sel.register(self._inotify.fd, selectors.EVENT_READ)
+                sel.register(self._wake_r, selectors.EVENT_READ)
+                while not self._stopping.is_set():
+                    if not sel.select(timeout=5.0):
+                        continue
+                    written = self._inotify.read_written()
+                    with self._lock:
+                        if -1 in written:  # the kernel's queue overflowed: events were lost, look at all
+                            calls = list(self._targets.values())
+                        else:  # (a watch removed meanwhile has no target)
+                            calls = [self._targets[wd] for wd in written if wd in self._targets]
+                    for on_write in calls:
+                        try:
+                            on_write()
+                        except Exception:  # one ring's bug must not stop the others being cut
+                            log.exception("cutting a ring failed")
+        finally:
+            self._inotify.close()
+            for fd in (self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
@@ -238,8 +326,8 @@ class RingCutter:
     FFmpeg has exited (the fragments written so far become the last segment).
     """
 
-    def __init__(self, source: Path, segment_seconds: float, watch: WriteWatch | None = None) -> None:
-        """`watch` is told to watch the source once FFmpeg has created it."""
+    def __init__(self, source: Path, segment_seconds: float, watch: Callable[[Path], object] | None = None) -> None:
+        """`watch(source)` runs once FFmpeg has created the source (to be woken when it is written)."""
         self.source = source
         self.segment_seconds = segment_seconds
         self._watch = watch
@@ -265,7 +353,7 @@ class RingCutter:
             self._file = RunFile(self.source, os.dup(self._fd))
             if self._watch is not None:
                 try:
-                    self._watch.watch(self.source)
+                    self._watch(self.source)
                 except OSError as exc:  # out of inotify watches: the caller polls on a timer instead
                     self.unwatched = str(exc)
         size = os.fstat(self._fd).st_size

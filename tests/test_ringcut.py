@@ -15,16 +15,17 @@ import dataclasses
 import itertools
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from test_unit_recorder import spec
 
-from edge_agent import ffmpeg, fmp4, fmp4join
+from edge_agent import buffer, ffmpeg, fmp4, fmp4join
 from edge_agent.buffer import CameraBuffer
 from edge_agent.fmp4 import Mp4Error
-from edge_agent.ringcut import PAGE, Cut, RingCutter, WriteWatch, punch_supported
+from edge_agent.ringcut import PAGE, Cut, RingCutter, RingReactor, WriteWatch, punch_supported
 
 pytestmark = pytest.mark.integration
 
@@ -178,19 +179,28 @@ def test_a_killed_ffmpeg_keeps_every_complete_fragment(tmp_path: Path, stream: b
     assert seg.damage is None and len(seg.fragments) == 2
 
 
-def test_a_ring_on_a_real_camera_rotates_its_ffmpeg_and_keeps_its_files_bounded(tmp_path: Path, camera) -> None:
+@pytest.mark.parametrize("shared", [False, True], ids=["own-thread", "reactor"])
+def test_a_ring_on_a_real_camera_rotates_its_ffmpeg_and_keeps_its_files_bounded(tmp_path: Path, camera,
+                                                                               shared: bool) -> None:  # fmt: skip
     """CameraBuffer with a real FFmpeg on the session's camera simulator: segments come from the run
     file, a run is ended after `run_seconds` and the next starts at once (a gap the tasks count), a
     finished run's file goes once its last segment is dropped, and the blocks on disk stay under the
-    cap. `run_seconds` is 4 s here; in the field it bounds FFmpeg's memory once a day."""
+    cap. `run_seconds` is 4 s here; in the field it bounds FFmpeg's memory once a day. Cut on the
+    buffer's own thread, and by the agent's one RingReactor thread (how the agent runs rings)."""
     rec_spec = dataclasses.replace(
         spec(tmp_path, "ok"), ffmpeg="ffmpeg", ffprobe="ffprobe", stream=ffmpeg.StreamInput(camera.url("cam3")),
         segment_dir=tmp_path / "ring", stats_period=1.0, stall_timeout=10.0, first_frame_timeout=15.0,
         restart_backoff_max=1.0,
     )  # fmt: skip
     cap = 3 * 1024 * 1024
-    ring = CameraBuffer(rec_spec, seconds=8, max_bytes=cap)
+    reactor = RingReactor() if shared else None
+    if reactor is not None:
+        reactor.start()
+    ring = CameraBuffer(rec_spec, seconds=8, max_bytes=cap, reactor=reactor)
     ring.run_seconds = 4.0
+    woken: list[str] = []
+    cut_on_write = ring._on_written
+    ring._on_written = lambda: (woken.append(threading.current_thread().name), cut_on_write())[1]  # type: ignore[method-assign]
     ring.start()
     held: list[int] = []
     try:
@@ -214,8 +224,14 @@ def test_a_ring_on_a_real_camera_rotates_its_ffmpeg_and_keeps_its_files_bounded(
         assert len(files) <= len({s.file.path for s in segments}) + 1, files
         newest = ring.newest()
         assert newest is not None and newest[0][4:8] == b"ftyp"
+        if reactor is not None:  # the cutting happened on the reactor's thread, woken by the writes
+            assert ring._watch is None and ring.poll_seconds == buffer.CUT_POLL_SECONDS
+            assert len(woken) >= 4 and set(woken) == {"ring-cutter"}, woken[:5]  # writes of every run
     finally:
         ring.stop(timeout=20)
+        if reactor is not None:
+            reactor.stop()
+            assert not reactor.is_alive()
     assert not ring.is_alive()
     assert max(held) <= cap, max(held)
     assert not list((tmp_path / "ring").glob(ffmpeg.RING_FILE_GLOB)), "run files left after the stop"
@@ -242,15 +258,52 @@ def test_ended_runs_hold_no_descriptors_until_read(tmp_path: Path, stream: bytes
 
 def test_out_of_inotify_watches_the_cutter_still_cuts_and_says_why(tmp_path: Path, stream: bytes) -> None:
     class FullWatch(WriteWatch):
-        def watch(self, path: Path) -> None:
+        def watch(self, path: Path) -> int:
             raise OSError(28, f"inotify on {path}: No space left on device")
 
     watch = FullWatch()
     try:
-        cutter = RingCutter(tmp_path / "ring_000001.mp4", 2, watch=watch)
+        cutter = RingCutter(tmp_path / "ring_000001.mp4", 2, watch=watch.watch)
         cuts = feed(cutter, stream, [])
         assert len(cuts) == 4  # cutting goes on: the buffer polls on a timer instead
         assert cutter.unwatched is not None and "No space left" in cutter.unwatched
         cutter.finish()
     finally:
         watch.close()
+
+
+def test_without_holes_the_ring_falls_back_to_the_segment_muxer(tmp_path: Path, camera,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A file system that cannot punch holes (FAT): FFmpeg's segment muxer writes segment files, the
+    ring holds them whole, drops them by deleting them, and a task copies them out the same way."""
+    monkeypatch.setattr(buffer, "punch_supported", lambda directory: False)
+    rec_spec = dataclasses.replace(
+        spec(tmp_path, "ok"), ffmpeg="ffmpeg", ffprobe="ffprobe", stream=ffmpeg.StreamInput(camera.url("cam4")),
+        segment_dir=tmp_path / "ring", stats_period=1.0, stall_timeout=10.0, first_frame_timeout=15.0,
+        restart_backoff_max=1.0,
+    )  # fmt: skip
+    ring = CameraBuffer(rec_spec, seconds=4, max_bytes=64 * 1024 * 1024)
+    ring.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(ring._ring) < 4:
+            assert time.monotonic() < deadline, f"{len(ring._ring)} segments in 30 s"
+            time.sleep(0.2)
+        assert not ring.cut_by_agent
+        assert not list((tmp_path / "ring").glob(ffmpeg.RING_FILE_GLOB))
+        with ring._lock:
+            segments = list(ring._ring)
+        assert all(s.file.path.name.startswith("seg_") and s.offset == 0 for s in segments)
+        on_disk = sorted(p.name for p in (tmp_path / "ring").glob("seg_*"))
+        # The ring's segments, and at most the one FFmpeg is writing; older ones deleted.
+        assert {s.file.path.name for s in segments} <= set(on_disk)
+        assert len(on_disk) <= len(segments) + 1, on_disk
+        out = tmp_path / "task"
+        out.mkdir()
+        with (out / "seg_000000.mp4").open("wb") as f:
+            assert segments[-1].file.copy(f.fileno(), segments[-1].offset, segments[-1].size)
+        assert fmp4.read_segment(out / "seg_000000.mp4").damage is None
+        newest = ring.newest()
+        assert newest is not None and newest[0][4:8] == b"ftyp"
+    finally:
+        ring.stop(timeout=20)
