@@ -4,9 +4,10 @@ FFmpeg's segment muxer costs about 10 % more CPU than the same copy into one fil
 timestamps per packet for a debug message nobody reads, and builds a muxer per segment:
 `docs/results/perf_ring_vs_plain_20261206.txt`). For a ring, FFmpeg therefore writes ONE
 fragmented MP4 per run (a fragment at every keyframe, written whole when the next keyframe
-arrives) and `RingCutter`, woken by inotify when the file is written, reads the new complete
-fragments (box headers and `moof`s only: a few hundred bytes a second) and, as soon as the fragments
-gathered make a segment long enough, reports that segment: a byte range of the run's file.
+arrives) and `RingCutter`, run when the file is written (one `RingReactor` thread and one inotify
+instance for all the agent's rings), reads the new complete fragments (box headers and `moof`s
+only: a few hundred bytes a second) and, as soon as the fragments gathered make a segment long
+enough, reports that segment: a byte range of the run's file.
 
 Nothing is copied while the ring runs. A segment becomes a file only when something needs it: a
 task copies its segments into its own directory (`RunFile.copy`: the run's `ftyp`+`moov`, then the
