@@ -16,6 +16,10 @@ QoS 1 round trip measured by the same client; each task is stopped before the ne
 closed segments are compared with the cap; the one FFmpeg is writing comes on top (its size is the
 camera's: a segment ends at the first keyframe after 2 s).
 
+CPU is taken two ways over the same window: clock ticks (/proc/PID/stat utime+stime, 10 ms, charged to
+whoever runs when the tick fires: a sample) and schedstat nanoseconds (exact on-CPU time, as
+bench_ring_forms takes it; ``ratio_ns``).
+
 Results (raw per-round rows, commit and machine facts) go to ``docs/results/buffer_<date-time>.json``.
 
     .venv/bin/python bench/bench_buffer.py [--quick] [--cameras 16] [--rounds 3] [--window 45] [--starts 20]
@@ -42,6 +46,7 @@ from _common import (
     log,
     md_table,
     percentile,
+    pids_cpu_ns,
     pids_cpu_ticks,
     run_facts,
     workdir,
@@ -186,22 +191,32 @@ def main() -> None:
                                    stdin=True) for i in range(n)]  # fmt: skip
                     time.sleep(5.0)  # plain FFmpegs past their start-up
                     tree = TreeCpu(agent.pid)
-                    a0, p0, t0 = tree.snapshot(), pids_cpu_ticks(c.pid for c in plain), time.monotonic()
+                    pids = [c.pid for c in plain]
+                    a0, p0, n0, t0 = tree.snapshot(), pids_cpu_ticks(pids), pids_cpu_ns(pids), time.monotonic()
                     time.sleep(window)
-                    a1, p1, wall = tree.snapshot(), pids_cpu_ticks(c.pid for c in plain), time.monotonic() - t0
+                    a1, p1, n1 = tree.snapshot(), pids_cpu_ticks(pids), pids_cpu_ns(pids)
+                    wall = time.monotonic() - t0
                     for c in plain:
                         c.quit()
                     for c in plain:
                         c.reap(30)
                     agent_cpu = TreeCpu.between(a0, a1)
                     plain_cpu = sum(p1.get(pid, 0) - p0.get(pid, 0) for pid in p1) / 100.0
+                    # The same window in schedstat nanoseconds (what bench_ring_forms uses): utime/stime
+                    # are charged in whole 10 ms ticks to whoever runs when the tick fires, a sample.
+                    plain_ns = sum(n1.get(pid, 0) - n0.get(pid, 0) for pid in n1) / 1e9
                     row = {"round": rnd, "n": n, "window_s": wall, "agent_cpu_s": agent_cpu["cpu_s"],
                            "agent_python_cpu_s": agent_cpu["own_cpu_s"], "plain_cpu_s": plain_cpu,
                            "ratio": agent_cpu["cpu_s"] / plain_cpu if plain_cpu else float("nan"),
+                           "agent_cpu_ns_s": agent_cpu["ns_cpu_s"], "agent_python_cpu_ns_s": agent_cpu["ns_own_cpu_s"],
+                           "plain_cpu_ns_s": plain_ns,
+                           "ratio_ns": agent_cpu["ns_cpu_s"] / plain_ns if plain_ns else float("nan"),
                            "plain_alive": sum(c.returncode is None for c in plain)}  # fmt: skip
                     rows.append(row)
                     log(f"round {rnd}: agent {row['agent_cpu_s']:.2f} CPU-s (python {row['agent_python_cpu_s']:.2f}),"
-                        f" plain {plain_cpu:.2f} CPU-s over {wall:.0f} s: ratio {row['ratio']:.3f}")  # fmt: skip
+                        f" plain {plain_cpu:.2f} CPU-s over {wall:.0f} s: ratio {row['ratio']:.3f}; schedstat: agent "
+                        f"{row['agent_cpu_ns_s']:.2f} (python {row['agent_python_cpu_ns_s']:.2f}), "
+                        f"plain {plain_ns:.2f}: ratio {row['ratio_ns']:.3f}")  # fmt: skip
                 rtts = broker_rtt_samples(probe, 30)
                 rng = random.Random(7)
                 for k in range(starts):
@@ -230,7 +245,10 @@ def main() -> None:
                    [[r["round"], f"{r['agent_cpu_s']:.2f} ({r['agent_python_cpu_s']:.2f})", f"{r['plain_cpu_s']:.2f}",
                      f"{r['ratio']:.3f}"] for r in rows]))  # fmt: skip
     median = fmt(statistics.median(ratios)) if ratios else "-"
-    print(f"\nratio median {median} [{', '.join(f'{x:.3f}' for x in ratios)}]")
+    print(f"\nratio median {median} [{', '.join(f'{x:.3f}' for x in ratios)}] (clock ticks)")
+    ratios_ns = [r["ratio_ns"] for r in rows]
+    median_ns = fmt(statistics.median(ratios_ns)) if ratios_ns else "-"
+    print(f"ratio median {median_ns} [{', '.join(f'{x:.3f}' for x in ratios_ns)}] (schedstat ns)")
     margin = (lat.get("p95") or 0) - (rtt.get("p95") or 0)
     print(f"start -> recording ({len(latency)} starts): p50 {fmt(lat.get('p50'))} s, p95 {fmt(lat.get('p95'))} s, "
           f"max {fmt(lat.get('max'))} s; broker QoS 1 round trip p50 {fmt(rtt.get('p50'))} s, "
@@ -245,6 +263,7 @@ def main() -> None:
                      RecordingConfig().segment_seconds},
         "facts": run_facts(load_before), "elapsed_s": elapsed, "rows": rows,
         "ratio_median": statistics.median(ratios) if ratios else None,
+        "ratio_ns_median": statistics.median(ratios_ns) if ratios_ns else None,
         "start_to_recording_s": latency, "broker_rtt_s": rtts, "latency": lat, "rtt": rtt,
         "ring_bytes_max": watch.max_seen,
         "ring_bytes_max_with_open_segment": watch.max_total, "ring_bytes_samples": watch.samples,
