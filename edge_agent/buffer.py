@@ -142,9 +142,7 @@ class CameraBuffer(Recorder):
             try:
                 self._watch = WriteWatch()
             except OSError as exc:
-                log.info("buffer of %s: %s; the ring is looked at every %g s", self.spec.camera_id, exc,
-                         CUT_POLL_SECONDS_UNWATCHED)  # fmt: skip
-                self.poll_seconds = CUT_POLL_SECONDS_UNWATCHED
+                self._unwatched(str(exc), logging.INFO)
         try:
             while not self._stop_requested.is_set():
                 try:
@@ -225,8 +223,8 @@ class CameraBuffer(Recorder):
                 return
             try:
                 self._cut(self._cutter)
-            except (Mp4Error, OSError) as exc:
-                self._cut_error = f"cannot cut the ring's stream: {exc}"
+            except RecordingError as exc:
+                self._cut_error = str(exc)
 
     def _poll_output(self) -> bool:
         """On the buffer's thread: every `poll_seconds` (a backstop when the reactor or inotify wakes
@@ -237,26 +235,31 @@ class CameraBuffer(Recorder):
                 raise RecordingError(self._cut_error)
             if cutter is None:
                 return False
-            try:
-                self._cut(cutter)
-            except (Mp4Error, OSError) as exc:
-                raise RecordingError(f"cannot cut the ring's stream: {exc}") from None
+            self._cut(cutter)
             if cutter.unwatched is not None and self.poll_seconds != CUT_POLL_SECONDS_UNWATCHED:
-                log.warning("buffer of %s: %s; the ring is looked at every %g s", self.spec.camera_id,
-                            cutter.unwatched, CUT_POLL_SECONDS_UNWATCHED)  # fmt: skip
-                self.poll_seconds = CUT_POLL_SECONDS_UNWATCHED
+                self._unwatched(cutter.unwatched, logging.WARNING)
             # FFmpeg's MP4 muxer keeps about 50 bytes per fragment until its run ends: a run is ended
             # after `run_seconds`, right after a segment was cut, and the next starts at once.
             return time.monotonic() - cutter.started > self.run_seconds and not cutter.mid_write
 
+    def _unwatched(self, why: str, level: int) -> None:
+        """No inotify for this ring: look at its file on a short timer instead."""
+        log.log(level, "buffer of %s: %s; the ring is looked at every %g s", self.spec.camera_id, why,
+                CUT_POLL_SECONDS_UNWATCHED)  # fmt: skip
+        self.poll_seconds = CUT_POLL_SECONDS_UNWATCHED
+
     def _cut(self, cutter: RingCutter) -> None:
-        """Cut what FFmpeg wrote (under `_cut_lock`). A fragment is written in a burst of 32 KB writes,
-        each an inotify event: one caught mid-burst is looked at again a few ms later rather than on
-        every event, and the events of the ring's own hole punching are read here, not woken for."""
+        """Cut what FFmpeg wrote (under `_cut_lock`); RecordingError if its stream cannot be read. A
+        fragment is written in a burst of 32 KB writes, each an inotify event: one caught mid-burst is
+        looked at again a few ms later rather than on every event, and the events of the ring's own
+        hole punching are read here, not woken for."""
         for attempt in range(MID_WRITE_RETRIES + 1):
             if self._watch is not None:
                 self._watch.drain()  # before looking: a write after it wakes us again
-            cuts = cutter.poll()
+            try:
+                cuts = cutter.poll()
+            except (Mp4Error, OSError) as exc:
+                raise RecordingError(f"cannot cut the ring's stream: {exc}") from None
             self._closed(cuts)  # may punch a hole: an event of our own, drained by the next round
             if not cuts and not cutter.mid_write:
                 return
@@ -344,9 +347,11 @@ class CameraBuffer(Recorder):
         """The newest segment as the bytes of an MP4 file and the time of its first frame (a
         snapshot's source), or None when the ring is empty."""
         with self._lock:
-            seg = self._ring[-1] if self._ring else None
-        data = seg.file.read(seg.offset, seg.size) if seg is not None else None
-        return (data, seg.start) if data is not None and seg is not None else None
+            if not self._ring:
+                return None
+            seg = self._ring[-1]
+        data = seg.file.read(seg.offset, seg.size)
+        return (data, seg.start) if data is not None else None
 
     def holds(self) -> tuple[float, float] | None:
         """(first, last) wall-clock second the ring holds now, or None when it is empty."""

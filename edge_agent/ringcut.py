@@ -30,7 +30,7 @@ import selectors
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -240,14 +240,10 @@ class RunFile:
             self._readers += 1
             held = self._fd  # not closed while we read (`_readers`)
         try:
-            fd = held if held is not None else os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
+            with self._descriptor(held, os.O_RDONLY) as fd:
                 if self.init:
                     os.write(dst, self.init)
                 _copy_range(fd, dst, offset, length)
-            finally:
-                if held is None:
-                    os.close(fd)
         finally:
             with self._lock:
                 self._readers -= 1
@@ -259,13 +255,8 @@ class RunFile:
         with self._lock:
             if self._closed or offset < self._released:
                 return None
-            if self._fd is not None:
-                return self.init + os.pread(self._fd, length, offset)
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
+            with self._descriptor(self._fd, os.O_RDONLY) as fd:
                 return self.init + os.pread(fd, length, offset)
-            finally:
-                os.close(fd)
 
     def release(self, end: int) -> None:
         """Segments before `end` are dropped: free their bytes (and the file, after its last one)."""
@@ -299,14 +290,22 @@ class RunFile:
             return
         to = self._released // PAGE * PAGE
         if to > self._punched:
-            with contextlib.suppress(OSError):  # checked by punch_supported; a failure costs space only
-                fd = self._fd if self._fd is not None else os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
-                try:
-                    punch_hole(fd, self._punched, to - self._punched)
-                finally:
-                    if fd != self._fd:
-                        os.close(fd)
+            # checked by punch_supported; a failure costs space only
+            with contextlib.suppress(OSError), self._descriptor(self._fd, os.O_WRONLY) as fd:
+                punch_hole(fd, self._punched, to - self._punched)
             self._punched = to
+
+    @contextlib.contextmanager
+    def _descriptor(self, held: int | None, flags: int) -> Iterator[int]:
+        """`held` (the run's own descriptor, while it writes), or the file opened for this use."""
+        if held is not None:
+            yield held
+            return
+        fd = os.open(self.path, flags | os.O_CLOEXEC)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -335,8 +334,7 @@ class RingCutter:
         self._file: RunFile | None = None
         self._fd: int | None = None
         self._pos = 0  # the next box to read
-        self._init: bytes | None = None  # ftyp + moov of this run
-        self._track: Track | None = None
+        self._track: Track | None = None  # of this run, once its ftyp + moov are read
         self._pending: list[Fragment] = []  # complete fragments of the segment being gathered
         self._pending_from = 0  # file offset of the first pending fragment's moof
         self._cut_to = 0  # the end of the last segment cut
@@ -366,7 +364,7 @@ class RingCutter:
                 self.mid_write = self._pos < size
                 return cuts
             kind, box_size = header
-            if self._init is None:
+            if self._track is None:
                 self._read_init(kind, box_size, size)
                 continue
             if kind != b"moof":
@@ -446,7 +444,6 @@ class RingCutter:
         data = os.pread(self._fd, end, 0)
         moov = data[self._pos :]
         self._track = read_track(moov[header_len(moov) :])
-        self._init = data
         assert self._file is not None
         self._file.init = data
         self._pos = end
