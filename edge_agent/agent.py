@@ -249,7 +249,7 @@ class Agent:
                     self.manage.publish_reported()
             case MessageReceived(topic=topic, payload=payload):
                 if self._gate is not None:
-                    self._gate.done()
+                    self._gate.done(extra=True)
                 if self.manage is not None and self.manage.on_message(topic, payload):
                     pass
                 elif topic == self.report.ha_topics.ha_status and payload.strip().lower() == b"online":

@@ -44,26 +44,32 @@ class InboundGate:
 
     The network thread calls `admit()` before it enqueues a command; the agent calls `done()` after
     handling one. The event queue itself stays unbounded (shutdown and recorder events must never
-    be refused), but commands in it are bounded.
+    be refused), but commands in it are bounded. Messages on the extra topics (group commands, the
+    desired configuration, Home Assistant's birth) may hold at most half of the bound, so a flood on
+    a group topic can never shed the device's own camera commands.
     """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._lock = threading.Lock()
         self._waiting = 0
+        self._waiting_extra = 0
         self.shed = 0  # commands dropped because `limit` were already waiting
 
-    def admit(self) -> bool:
+    def admit(self, extra: bool = False) -> bool:
         with self._lock:
-            if self._waiting >= self.limit:
+            if self._waiting >= self.limit or (extra and self._waiting_extra >= max(1, self.limit // 2)):
                 self.shed += 1
                 return False
             self._waiting += 1
+            self._waiting_extra += extra
             return True
 
-    def done(self) -> None:
+    def done(self, extra: bool = False) -> None:
         with self._lock:
             self._waiting = max(0, self._waiting - 1)
+            if extra:
+                self._waiting_extra = max(0, self._waiting_extra - 1)
 
     @property
     def waiting(self) -> int:

@@ -376,8 +376,9 @@ class MqttLink:
         camera_id = self._topics.camera_of_command(msg.topic)
         if camera_id is None:
             # Extra topics (HA's birth, the desired configuration, group commands) count against the
-            # same bound as commands: a flood on a group topic must not grow the agent's queue.
-            if msg.topic in self._extra and (self._gate is None or self._gate.admit()):
+            # same bound as commands, at most half of it: a flood on a group topic must neither grow
+            # the agent's queue nor crowd out the camera commands.
+            if msg.topic in self._extra and (self._gate is None or self._gate.admit(extra=True)):
                 self._post(MessageReceived(msg.topic, bytes(msg.payload)))
             return
         if self._gate is not None and not self._gate.admit():

@@ -145,6 +145,15 @@ def test_inbound_gate_sheds_beyond_its_bound_and_agent_counts_it(build: Callable
     assert gate.admit() is True
 
 
+def test_a_flood_on_extra_topics_leaves_room_for_camera_commands() -> None:
+    gate = InboundGate(4)
+    assert [gate.admit(extra=True) for _ in range(5)] == [True, True, False, False, False]  # half the bound
+    assert [gate.admit() for _ in range(3)] == [True, True, False]  # the rest stays for the cameras
+    assert gate.shed == 4 and gate.waiting == 4
+    gate.done(extra=True)
+    assert gate.admit(extra=True) is True
+
+
 def test_parser_failures_get_a_reply_not_a_traceback(build: Callable[..., Harness]) -> None:
     h = build()
     for payload in (b"[" * 60000, b'{"action":"start","task_name":"t","max_seconds":' + b"9" * 5000 + b"}",
